@@ -1,0 +1,141 @@
+"""The library on the tiny CogVideoX backbones: generation, export, artifacts, sizes."""
+
+import os
+
+import pytest
+import torch
+from conftest import make_model, random_clips
+
+from video2lora.backbones import Backbone
+from video2lora.config import GenerationConfig
+from video2lora.export import check_lora_file, export_lora_bytes
+from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+from video2lora.hypernet import Video2LoRAModel
+
+GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=3, guidance_scale=6.0)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_backbone_dir):
+    backbone = Backbone.from_pretrained(tiny_backbone_dir, device="cpu")
+    return Video2LoRAGenerator(backbone, make_model(backbone), GEN)
+
+
+def test_backbone_matches_real_layout(generator):
+    layers = generator.backbone.lora_layers()
+    assert [n for n, _, _ in layers[:4]] == [
+        "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
+        "transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn1.to_out.0",
+    ]
+    assert len(layers) == 4 * generator.backbone.transformer.config.num_layers
+
+
+def test_batch_of_mixed_loras_equals_each_row_alone(generator):
+    refs = random_clips(3, seed=1)
+    reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in
+            zip(["a red circle", "a blue square", "a green ring"], refs, [1, 2, 3])]
+    reqs[2].reference = None  # a row without LoRA in the same batch
+    batch = generator.generate(reqs)
+    for req, video in zip(reqs, batch):
+        alone = generator.generate([GenerationRequest(req.prompt, reference=req.reference, seed=req.seed)])[0]
+        assert video.shape == (3, 9, 32, 32)
+        torch.testing.assert_close(video, alone, atol=5e-3, rtol=0)
+    bare = generator.generate([GenerationRequest(reqs[0].prompt, seed=1)])[0]
+    assert (bare - batch[0]).abs().max() > 0.05  # the LoRA changes the video
+    assert torch.equal(generator.generate([GenerationRequest(reqs[0].prompt, seed=1)])[0], bare)  # seeded
+
+
+def test_strength_zero_equals_backbone(generator):
+    ref = random_clips(1, seed=4)[0]
+    bare = generator.generate([GenerationRequest("a red circle", seed=5)])[0]
+    zero = generator.generate([GenerationRequest("a red circle", reference=ref, seed=5, lora_strength=0.0)])[0]
+    assert torch.equal(bare, zero)
+
+
+def test_references_give_different_loras_deterministically(generator):
+    refs = random_clips(2, seed=6)
+    a = generator.predict_loras(refs)
+    b = generator.predict_loras(refs[::-1])
+    torch.testing.assert_close(a[0].a_pred, b[1].a_pred, atol=1e-5, rtol=1e-5)
+    assert (a[0].a_pred - a[1].a_pred).abs().max() > 1e-4
+
+
+def test_exported_lora_with_stock_diffusers_gives_same_video(generator, tiny_backbone_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    ref = random_clips(1, seed=7)[0]
+    req = GenerationRequest("a blue square", reference=ref, seed=2, lora_strength=0.7)
+    ours = generator.generate([req])[0]
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    model = generator.model
+    path.write_bytes(export_lora_bytes(model, req.lora.a_pred, req.lora.b_pred, strength=0.7))
+    check_lora_file(path.read_bytes(), str(path), model.config.layers, model.config.lora.rank)
+    pipe = DiffusionPipeline.from_pretrained(tiny_backbone_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    latents = pipe(prompt=[req.prompt], negative_prompt=[""], num_frames=9, height=32, width=32,
+                   num_inference_steps=GEN.steps, guidance_scale=GEN.guidance_scale,
+                   generator=[torch.Generator().manual_seed(2)], output_type="latent",
+                   max_sequence_length=16, return_dict=False)[0]
+    stock = pipe.decode_latents(latents).float().clamp(-1, 1)[0]
+    torch.testing.assert_close(stock, ours, atol=2e-3, rtol=0)
+    bare = generator.generate([GenerationRequest(req.prompt, seed=2)])[0]
+    assert (bare - ours).abs().max() > 0.05
+
+
+def test_lora_file_with_wrong_keys_is_a_clear_error(generator):
+    from safetensors.torch import save
+
+    model = generator.model
+    bad = save({"transformer.blocks.0.nope.lora_A.weight": torch.zeros(1, 4)})
+    with pytest.raises(ValueError, match="unexpected"):
+        check_lora_file(bad, "bad.safetensors", model.config.layers, 1)
+
+
+def test_artifact_save_load_roundtrip(generator, tmp_path):
+    model = generator.model
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "video2lora.safetensors"]
+    loaded = Video2LoRAModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v.cpu(), v2)
+
+
+def test_pickle_checkpoint_is_refused(generator, tmp_path):
+    model = generator.model
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    torch.save(model.state_dict(), tmp_path / "ckpt" / "video2lora.safetensors")  # a pickle in disguise
+    with pytest.raises(ValueError, match="never unpickle"):
+        Video2LoRAModel.from_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_i2v_backbone_generates_from_first_frame(tiny_i2v_backbone_dir):
+    backbone = Backbone.from_pretrained(tiny_i2v_backbone_dir, device="cpu")
+    gen = Video2LoRAGenerator(backbone, make_model(backbone), GEN)
+    ref, image = random_clips(1, seed=8)[0], random_clips(1, seed=9)[0][:, 0]
+    v = gen.generate([GenerationRequest("a red circle", reference=ref, image=image, seed=1),
+                      GenerationRequest("a red circle", image=image, seed=1)])
+    assert v[0].shape == (3, 9, 32, 32) and (v[0] - v[1]).abs().max() > 0.05
+    with pytest.raises(ValueError, match="first frame"):
+        gen.backbone.sample_latents(["x"], [""], [torch.Generator()], 9, 32, 32, 2, 6.0, None)
+
+
+def test_sizes_the_model_cannot_make_are_rejected(generator):
+    with pytest.raises(ValueError, match="num_frames"):
+        generator.generate([GenerationRequest("x")], num_frames=10)
+    with pytest.raises(ValueError, match="multiple"):
+        generator.generate([GenerationRequest("x")], height=36)
+
+
+def test_size_report_from_published_configs(capsys):
+    from video2lora.size import main, size_report
+
+    r = size_report("cogvideox-5b")
+    assert r["adapted_layers"] == 168
+    assert r["lora_floats"] == 168 * 150
+    assert 1.0e6 < r["hypernetwork_params"] < 2.0e6  # "about 1.5 M parameters"
+    assert r["aux_params"] == 168 * (100 * 3072 + 3072 * 50)
+    main(["cogvideox-5b"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "MB" in last and "KB" in last

@@ -1,0 +1,113 @@
+"""Typed configuration, in one place. Defaults reproduce the paper (Video2LoRA, arXiv 2603.08210)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoRAConfig:
+    """LightLoRA: A = A_pred @ A_aux (r x in), B = B_aux @ B_pred (out x r), scaled by alpha / r."""
+
+    rank: int = 1
+    down: int = 100  # rows of A_aux, A_pred is (rank x down)
+    up: int = 50  # columns of B_aux, B_pred is (up x rank)
+    alpha: float = 1.0
+    # fnmatch patterns over module names of the DiT; default: attention q/k/v/out of every block
+    target_modules: tuple[str, ...] = (
+        "transformer_blocks.*.attn1.to_q",
+        "transformer_blocks.*.attn1.to_k",
+        "transformer_blocks.*.attn1.to_v",
+        "transformer_blocks.*.attn1.to_out.0",
+    )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def pred_size(self) -> int:
+        """Floats predicted per adapted layer: A_pred (r x down) and B_pred (up x r)."""
+        return self.rank * self.down + self.up * self.rank
+
+
+@dataclass
+class HyperConfig:
+    """The hypernetwork: video latent tokens -> weight tokens -> (A_pred, B_pred) per layer."""
+
+    width: int = 150
+    num_blocks: int = 4
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    iterations: int = 3  # refinement iterations: each predicts a delta on the previous weights
+    latent_patch: int = 2  # spatial patch of the latent grid per video token
+    head_init_std: float = 1e-3  # tiny init of the prediction head
+    max_video_tokens: int = 4096  # positional table size for video tokens
+
+
+@dataclass
+class GenerationConfig:
+    """Inference settings of the paper: DDIM, 50 steps, CFG 6, 49 frames."""
+
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    steps: int = 50
+    guidance_scale: float = 6.0
+    lora_strength: float = 1.0
+    negative_prompt: str = ""
+    fps: int = 8
+    seed: int = 0
+    vae_tiling: bool | None = None  # None: on when the frame size is large (> 256 px on a side)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.01
+    batch_size: int = 1  # per worker
+    max_steps: int = 1000
+    warmup_steps: int = 0
+    prompt_dropout: float = 0.1  # classifier-free dropout so CFG works at inference
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    mixed_precision: str = "bf16"  # compute dtype; master weights stay fp32
+
+
+@dataclass
+class Video2LoRAConfig:
+    """What a trained artifact needs to rebuild itself (saved as config.json next to the weights)."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+    # adapted layers: (module name, in_features, out_features), in order; fixed by the backbone
+    layers: list[tuple[str, int, int]] = field(default_factory=list)
+    latent_channels: int = 16
+    backbone: str = "cogvideox"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Video2LoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config.json: unknown fields {sorted(unknown)}")
+        lora = LoRAConfig(**{**d.get("lora", {})})
+        lora.target_modules = tuple(lora.target_modules)
+        return cls(
+            lora=lora,
+            hyper=HyperConfig(**d.get("hyper", {})),
+            layers=[(str(n), int(i), int(o)) for n, i, o in d.get("layers", [])],
+            latent_channels=int(d.get("latent_channels", 16)),
+            backbone=str(d.get("backbone", "cogvideox")),
+        )

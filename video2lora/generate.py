@@ -1,0 +1,157 @@
+"""Single-process generation: references + prompts in, videos out, one LoRA per sample in one batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbones import Backbone
+from .config import GenerationConfig, LoRAConfig, Video2LoRAConfig
+from .hypernet import Video2LoRAModel
+from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictedLoRA:
+    """One reference's LoRA: A_pred (L, r, down) and B_pred (L, up, r). About 150 floats per layer."""
+
+    a_pred: torch.Tensor
+    b_pred: torch.Tensor
+
+    @staticmethod
+    def stack(loras: list["PredictedLoRA"]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([l.a_pred for l in loras]), torch.stack([l.b_pred for l in loras])
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    reference: torch.Tensor | None = None  # (3, F, H, W) in [-1, 1]; None: no LoRA
+    lora: PredictedLoRA | None = None  # already predicted (e.g. by the Ray hypernet stage)
+    image: torch.Tensor | None = None  # (3, H, W) first frame for I2V
+    negative_prompt: str | None = None
+    seed: int | None = None
+    lora_strength: float | None = None
+
+
+@dataclass
+class GenerationTimings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class Video2LoRAGenerator:
+    """Holds the frozen backbone (with LightLoRA layers injected once) and the trained hypernetwork."""
+
+    def __init__(self, backbone: Backbone, model: Video2LoRAModel | None, config: GenerationConfig | None = None):
+        self.backbone = backbone
+        self.model = model
+        self.config = config or GenerationConfig()
+        self.layer_names: list[str] = []
+        if model is not None:
+            expected = [tuple(l) for l in model.config.layers]
+            actual = backbone.lora_layers(model.config.lora.target_modules)
+            if expected != actual:
+                raise ValueError(
+                    f"checkpoint was trained for {len(expected)} layers {expected[:2]}..., "
+                    f"this {backbone.kind} backbone has {len(actual)} {actual[:2]}...: wrong --backbone for this --checkpoint?"
+                )
+            model.to(backbone.device).eval().requires_grad_(False)
+            self.layer_names = inject_lightlora(backbone.transformer, model.config.lora.target_modules)
+
+    @classmethod
+    def from_pretrained(cls, backbone_uri: str, checkpoint_uri: str | None, config=None, device=None, dtype=None):
+        backbone = Backbone.from_pretrained(backbone_uri, device=device, dtype=dtype)
+        model = Video2LoRAModel.from_pretrained(checkpoint_uri) if checkpoint_uri else None
+        return cls(backbone, model, config)
+
+    @torch.no_grad()
+    def predict_loras(self, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+        """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU)."""
+        if self.model is None:
+            raise ValueError("no hypernetwork checkpoint loaded: pass checkpoint_uri to predict LoRAs")
+        out = []
+        for i in range(0, len(references), batch_size):
+            chunk = references[i : i + batch_size]
+            shapes = {tuple(r.shape) for r in chunk}
+            if len(shapes) != 1:
+                raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+            latents = self.backbone.encode_video(torch.stack(chunk))
+            a, b = self.model.predict(latents.float())
+            out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
+        return out
+
+    def materialize(self, loras: list[PredictedLoRA | None]) -> tuple[list[LayerLoRA], torch.Tensor]:
+        """Per-layer LoRAs for a batch; rows without a LoRA get zeros and strength 0."""
+        num_layers = len(self.layer_names)
+        lc = self.model.config.lora
+        a = torch.zeros(len(loras), num_layers, lc.rank, lc.down)
+        b = torch.zeros(len(loras), num_layers, lc.up, lc.rank)
+        present = torch.tensor([l is not None for l in loras])
+        for i, l in enumerate(loras):
+            if l is not None:
+                a[i], b[i] = l.a_pred, l.b_pred
+        dtype = self.backbone.dtype
+        with torch.no_grad():
+            layers = self.model.materialize(a.to(self.backbone.device), b.to(self.backbone.device))
+        return [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers], present
+
+    def generate(self, requests: list[GenerationRequest], num_frames=None, height=None, width=None,
+                 steps=None, guidance_scale=None, timings: GenerationTimings | None = None) -> list[torch.Tensor]:
+        """Generate one video per request, all in one batch. Returns (3, F, H, W) tensors in [-1, 1]."""
+        c = self.config
+        num_frames, height, width = num_frames or c.num_frames, height or c.height, width or c.width
+        steps = steps or c.steps
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        self.backbone.check_size(num_frames, height, width)
+        timings = timings or GenerationTimings()
+        tiling = c.vae_tiling if c.vae_tiling is not None else max(height, width) > 256
+        self.backbone.enable_vae_tiling(tiling)
+
+        start = time.perf_counter()
+        missing = [i for i, r in enumerate(requests) if r.lora is None and r.reference is not None]
+        if missing:
+            predicted = self.predict_loras([requests[i].reference for i in missing])
+            for i, p in zip(missing, predicted):
+                requests[i].lora = p
+        timings.add("hypernet", time.perf_counter() - start)
+
+        generators = [torch.Generator("cpu").manual_seed(c.seed if r.seed is None else int(r.seed)) for r in requests]
+        prompts = [r.prompt for r in requests]
+        negatives = [c.negative_prompt if r.negative_prompt is None else r.negative_prompt for r in requests]
+        images = torch.stack([r.image for r in requests]) if self.backbone.is_i2v else None
+
+        start = time.perf_counter()
+        if self.model is not None and any(r.lora is not None for r in requests):
+            layers, present = self.materialize([r.lora for r in requests])
+            strengths = torch.tensor([c.lora_strength if r.lora_strength is None else r.lora_strength for r in requests])
+            strengths = torch.where(present, strengths, torch.zeros_like(strengths))
+            with per_sample_loras(self.backbone.transformer, self.layer_names, layers, strengths):
+                latents = self.backbone.sample_latents(prompts, negatives, generators, num_frames, height, width, steps, guidance_scale, images)
+        else:
+            latents = self.backbone.sample_latents(prompts, negatives, generators, num_frames, height, width, steps, guidance_scale, images)
+        timings.add("denoise", time.perf_counter() - start)
+
+        start = time.perf_counter()
+        videos = self.backbone.decode(latents).cpu()
+        timings.add("decode", time.perf_counter() - start)
+        return list(videos)
+
+
+def new_model_for(backbone: Backbone, config: Video2LoRAConfig | None = None, seed: int = 0) -> Video2LoRAModel:
+    """A fresh (untrained) Video2LoRA model whose layers match this backbone."""
+    config = config or Video2LoRAConfig()
+    if tuple(config.lora.target_modules) == LoRAConfig().target_modules:
+        config.lora.target_modules = tuple(backbone.lora_targets)
+    config.layers = backbone.lora_layers(config.lora.target_modules)
+    config.latent_channels = backbone.latent_channels
+    config.backbone = backbone.kind
+    torch.manual_seed(seed)
+    return Video2LoRAModel(config)

@@ -1,0 +1,173 @@
+"""The trained part of Video2LoRA: a hypernetwork plus the shared aux matrices of every adapted layer.
+
+reference latent (N, C, F, h, w) -> video tokens -> weight tokens (one per adapted layer) through a
+small transformer decoder, refined over a few iterations -> A_pred (N, L, r, down), B_pred (N, L, up, r).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Video2LoRAConfig
+from .lightlora import LayerLoRA
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "video2lora.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer decoder block: self-attention over weight tokens, cross-attention to video."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.norm_video = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm3 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, tokens: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(tokens)
+        tokens = tokens + self.self_attn(h, h, h, need_weights=False)[0]
+        h, v = self.norm2(tokens), self.norm_video(video)
+        tokens = tokens + self.cross_attn(h, v, v, need_weights=False)[0]
+        return tokens + self.mlp(self.norm3(tokens))
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, config: Video2LoRAConfig):
+        super().__init__()
+        hc, lc = config.hyper, config.lora
+        self.rank, self.down, self.up = lc.rank, lc.down, lc.up
+        self.iterations = hc.iterations
+        self.patch = hc.latent_patch
+        num_layers = len(config.layers)
+        w = hc.width
+        self.video_proj = nn.Linear(config.latent_channels * self.patch**2, w)
+        # factorised learned positions, so any clip length and frame size works
+        self.frame_pos = nn.Parameter(torch.randn(64, w) * 0.02)
+        self.row_pos = nn.Parameter(torch.randn(128, w) * 0.02)
+        self.col_pos = nn.Parameter(torch.randn(128, w) * 0.02)
+        self.weight_embed = nn.Linear(lc.pred_size, w, bias=False)  # current prediction -> token
+        self.layer_pos = nn.Parameter(torch.randn(num_layers, w) * 0.02)
+        self.blocks = nn.ModuleList(DecoderBlock(w, hc.num_heads, hc.mlp_ratio) for _ in range(hc.num_blocks))
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, lc.pred_size)
+        nn.init.normal_(self.head.weight, std=hc.head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def video_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        n, c, f, h, w = latents.shape
+        p = self.patch
+        latents = F.pad(latents, (0, (-w) % p, 0, (-h) % p))
+        gh, gw = latents.shape[-2] // p, latents.shape[-1] // p
+        if f > self.frame_pos.shape[0] or gh > self.row_pos.shape[0] or gw > self.col_pos.shape[0]:
+            raise ValueError(f"reference latent grid {f}x{gh}x{gw} exceeds the hypernetwork's position tables")
+        x = latents.reshape(n, c, f, gh, p, gw, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(n, f, gh, gw, c * p * p)
+        x = self.video_proj(x)
+        x = x + self.frame_pos[:f, None, None] + self.row_pos[None, :gh, None] + self.col_pos[None, None, :gw]
+        return x.reshape(n, f * gh * gw, -1)
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        video = self.video_tokens(latents)
+        n, num_layers = latents.shape[0], self.layer_pos.shape[0]
+        weights = video.new_zeros(n, num_layers, self.head.out_features)  # zero-initialised weight tokens
+        for _ in range(self.iterations):
+            tokens = self.weight_embed(weights) + self.layer_pos
+            for block in self.blocks:
+                tokens = block(tokens, video)
+            weights = weights + self.head(self.norm(tokens))  # each iteration refines the last
+        a_pred = weights[..., : self.rank * self.down].reshape(n, num_layers, self.rank, self.down)
+        b_pred = weights[..., self.rank * self.down :].reshape(n, num_layers, self.up, self.rank)
+        return a_pred, b_pred
+
+
+class Video2LoRAModel(nn.Module):
+    """Hypernetwork + aux matrices: everything that trains. The backbone stays frozen outside."""
+
+    def __init__(self, config: Video2LoRAConfig):
+        super().__init__()
+        if not config.layers:
+            raise ValueError("Video2LoRAConfig.layers is empty: build it with Video2LoRAConfig.for_backbone")
+        self.config = config
+        lc = config.lora
+        self.hypernet = HyperNetwork(config)
+        self.a_aux = nn.ParameterList(nn.Parameter(nn.init.orthogonal_(torch.empty(lc.down, i))) for _, i, _ in config.layers)
+        self.b_aux = nn.ParameterList(nn.Parameter(nn.init.orthogonal_(torch.empty(o, lc.up))) for _, _, o in config.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, _, _ in self.config.layers]
+
+    def predict(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_pred, B_pred) for a batch of reference latents; computed once per reference."""
+        return self.hypernet(latents.to(self.hypernet.video_proj.weight.dtype))
+
+    def materialize(self, a_pred: torch.Tensor, b_pred: torch.Tensor) -> list[LayerLoRA]:
+        """Per layer: down = A_pred @ A_aux (N, r, in), up = scale * B_aux @ B_pred (N, out, r)."""
+        scale = self.config.lora.scale
+        return [
+            LayerLoRA(down=a_pred[:, i] @ self.a_aux[i], up=scale * (self.b_aux[i] @ b_pred[:, i]))
+            for i in range(len(self.config.layers))
+        ]
+
+    def forward(self, latents: torch.Tensor) -> list[LayerLoRA]:
+        return self.materialize(*self.predict(latents))
+
+    # --- artifacts: safetensors + JSON, never pickle ---
+    def save_pretrained(self, directory: str) -> None:
+        from .storage import join, write_bytes_atomic
+
+        from safetensors.torch import save as save_bytes
+
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_bytes_atomic(join(directory, WEIGHTS_NAME), save_bytes(state, metadata={"format": "video2lora"}))
+        write_bytes_atomic(join(directory, CONFIG_NAME), self.config.to_json().encode())
+
+    @classmethod
+    def from_pretrained(cls, uri: str, map_location: str | torch.device = "cpu") -> "Video2LoRAModel":
+        from .storage import join, read_bytes
+
+        config_bytes = read_bytes(join(uri, CONFIG_NAME))
+        try:
+            config = Video2LoRAConfig.from_dict(json.loads(config_bytes))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{join(uri, CONFIG_NAME)}: not a Video2LoRA config ({e})") from e
+        state = load_safetensors_bytes(read_bytes(join(uri, WEIGHTS_NAME)), join(uri, WEIGHTS_NAME))
+        model = cls(config)
+        expected = model.state_dict()
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        bad = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(
+                f"{join(uri, WEIGHTS_NAME)} does not match its config: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}, wrong shapes {sorted(bad)[:5]}"
+            )
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+    def num_parameters(self) -> dict[str, int]:
+        hyper = sum(p.numel() for p in self.hypernet.parameters())
+        aux = sum(p.numel() for p in self.a_aux.parameters()) + sum(p.numel() for p in self.b_aux.parameters())
+        return {"hypernetwork": hyper, "aux": aux, "total": hyper + aux}
+
+
+def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors blob; anything else (a pickle, a zip from torch.save) is refused, never unpickled."""
+    from safetensors.torch import load as load_bytes
+
+    if len(data) < 10 or data[8:9] != b"{":
+        raise ValueError(f"{name}: not a safetensors file (we never unpickle weights; convert it to safetensors)")
+    try:
+        return load_bytes(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{name}: corrupt safetensors file ({e})") from e

@@ -1,0 +1,94 @@
+"""Tiny seeded backbones for CPU tests and the embedded default. Saved as real diffusers pipeline
+directories, so every caller loads them through the same `from_pretrained` path as real weights."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+WORDS = (
+    "a an the of on in with and at over under near small large big tiny "
+    "red green blue yellow purple orange white black gray grey cyan pink brown dark light bright "
+    "circle square triangle ring cross star shape disk box dot line stripe "
+    "background scene frame video clip moving slowly quickly left right up down center corner "
+    "cat dog person car tree house water sky fire smoke flower bird ball"
+).split()
+
+
+def tiny_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -2.0) for w in dict.fromkeys(WORDS)]
+    vocab += [(c, -6.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, text_len: int = 16):
+    """A CogVideoX pipeline with the real architecture at toy size: VAE 4x spatial / 4x temporal,
+    patch 2, so a 32x32 9-frame clip is 3 latent frames of 8x8 and 48 tokens."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_height=32,
+        sample_width=32,
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=latent_channels * (2 if i2v else 1),
+        out_channels=latent_channels,
+        time_embed_dim=32,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=text_len,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=i2v,
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        timestep_spacing="trailing", snr_shift_scale=1.0,
+    )
+    cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+PRESETS = {
+    "tiny-cogvideox": lambda seed=0: tiny_cogvideox(i2v=False, seed=seed),
+    "tiny-cogvideox-i2v": lambda seed=0: tiny_cogvideox(i2v=True, seed=seed),
+}
+
+
+def save_tiny(preset: str, directory: str, seed: int = 0) -> str:
+    """Build a tiny preset with a fixed seed and save it as a diffusers pipeline directory."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    PRESETS[preset](seed=seed).save_pretrained(directory, safe_serialization=True)
+    return directory
