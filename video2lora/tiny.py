@@ -83,6 +83,7 @@ def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, t
 PRESETS = {
     "tiny-cogvideox": lambda seed=0: tiny_cogvideox(i2v=False, seed=seed),
     "tiny-cogvideox-i2v": lambda seed=0: tiny_cogvideox(i2v=True, seed=seed),
+    "tiny-wan": lambda seed=0: __import__("video2lora.wan", fromlist=["tiny_wan"]).tiny_wan(seed=seed),
 }
 
 
@@ -91,4 +92,18 @@ def save_tiny(preset: str, directory: str, seed: int = 0) -> str:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     PRESETS[preset](seed=seed).save_pretrained(directory, safe_serialization=True)
+    write_generation_defaults(directory, TINY_GENERATION)
     return directory
+
+
+# what the tiny models make by default (a backbone dir may carry generation_defaults.json)
+TINY_GENERATION = {"num_frames": 9, "height": 32, "width": 32, "steps": 10, "guidance_scale": 6.0}
+DEFAULTS_NAME = "generation_defaults.json"
+
+
+def write_generation_defaults(directory: str, values: dict) -> None:
+    import json
+    import os
+
+    with open(os.path.join(directory, DEFAULTS_NAME), "w") as f:
+        json.dump(values, f, indent=2)

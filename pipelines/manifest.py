@@ -1,0 +1,111 @@
+"""The batch manifest: schema checked before any work starts, rows checked one by one."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from video2lora.storage import fs_and_path, redact
+
+REQUIRED = {"sample_id": "string", "reference_uri": "string", "prompt": "string"}
+OPTIONAL = {
+    "negative_prompt": "string",
+    "image_uri": "string",
+    "seed": "int",
+    "num_frames": "int",
+    "height": "int",
+    "width": "int",
+    "steps": "int",
+    "guidance_scale": "float",
+    "lora_strength": "float",
+}
+MAX_PROMPT_CHARS = 2000
+LIMITS = {"num_frames": (1, 1025), "height": (8, 4096), "width": (8, 4096), "steps": (1, 1000),
+          "guidance_scale": (0.0, 100.0), "lora_strength": (0.0, 10.0), "seed": (0, 2**63 - 1)}
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole is unusable; raised before any work starts."""
+
+
+def _type_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == "string":
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
+def read_manifest(uri: str) -> list[dict]:
+    """Read and check a Parquet manifest (file or directory, local or s3://). Raises ManifestError."""
+    fs, path = fs_and_path(uri)
+    try:
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    except (OSError, pa.ArrowInvalid, FileNotFoundError) as e:
+        raise ManifestError(f"cannot read manifest {redact(uri)}: {redact(str(e))}") from None
+    schema = table.schema
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise ManifestError(f"manifest {redact(uri)} lacks required column(s) {missing}; it has {schema.names}")
+    for col, kind in {**REQUIRED, **OPTIONAL}.items():
+        if col in schema.names and not _type_ok(kind, schema.field(col).type):
+            raise ManifestError(f"manifest column {col!r} has type {schema.field(col).type}, expected {kind}")
+    rows = table.to_pylist()  # keeps null (None: use the default) apart from NaN (an error)
+    no_id = [i for i, r in enumerate(rows) if not r["sample_id"]]
+    if no_id:
+        raise ManifestError(f"manifest rows {no_id[:10]} have no sample_id")
+    ids = pd.Series([r["sample_id"] for r in rows])
+    dup = ids[ids.duplicated()].unique().tolist()
+    if dup:
+        raise ManifestError(f"duplicate sample_id values: {dup[:10]}{' ...' if len(dup) > 10 else ''}")
+    for r in rows:
+        for col in OPTIONAL:
+            r.setdefault(col, None)
+    return rows
+
+
+def row_settings(row: dict, defaults: dict) -> dict:
+    """Per-row generation settings (manifest value or job default), checked. Raises ValueError naming the field."""
+    out = {}
+    for col in ("num_frames", "height", "width", "steps", "guidance_scale", "lora_strength", "seed"):
+        value = row.get(col)
+        if value is None:
+            value = defaults[col]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{col}={value} is not a finite number")
+        lo, hi = LIMITS[col]
+        if not lo <= value <= hi:
+            raise ValueError(f"{col}={value} is outside [{lo}, {hi}]")
+        if OPTIONAL[col] == "int":
+            if isinstance(value, float) and not value.is_integer():  # pandas stores ints with gaps as floats
+                raise ValueError(f"{col}={value} is not a whole number")
+            value = int(value)
+        out[col] = value if OPTIONAL[col] == "int" else float(value)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt is not text ({type(prompt).__name__})")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
+    negative = row.get("negative_prompt")
+    out["prompt"] = prompt
+    out["negative_prompt"] = defaults["negative_prompt"] if negative is None else str(negative)
+    if not isinstance(row.get("reference_uri"), str) or not row["reference_uri"]:
+        raise ValueError("reference_uri is empty")
+    return out
+
+
+def resolve_uris(rows: list[dict], manifest_uri: str) -> list[dict]:
+    """Relative reference/image paths are relative to the manifest's folder, so a manifest travels with its clips."""
+    import posixpath
+
+    from video2lora.storage import join
+
+    fs, path = fs_and_path(manifest_uri)
+    base = manifest_uri if fs.isdir(path) else manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
+    for r in rows:
+        for col in ("reference_uri", "image_uri"):
+            v = r.get(col)
+            if isinstance(v, str) and v and "://" not in v and not posixpath.isabs(v):
+                r[col] = join(base, v)
+    return rows

@@ -1,0 +1,208 @@
+"""The batch job on Ray Data, end to end on the tiny models (one local Ray instance for the module)."""
+
+import dataclasses
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import random_clips
+
+from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job
+from pipelines.manifest import ManifestError, read_manifest
+from video2lora.config import BatchJobConfig, GenerationConfig
+from video2lora.video_io import decode_video, encode_video, read_video, write_video
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GEN = dict(num_frames=9, height=32, width=32, steps=2, guidance_scale=6.0)
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    ray.init(num_cpus=2, num_gpus=2, log_to_driver=False, runtime_env={"env_vars": env})  # fake GPUs: placement
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_backbone_dir, tmp_path_factory):
+    from conftest import make_model
+
+    from video2lora.backbones import Backbone
+
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    make_model(Backbone.from_pretrained(tiny_backbone_dir, device="cpu")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    paths = []
+    for i, clip in enumerate(random_clips(3, seed=11)):
+        paths.append(str(d / f"ref{i}.mp4"))
+        write_video(paths[-1], clip)
+    (d / "corrupt.mp4").write_bytes(b"this is not a video" * 50)
+    return d, paths
+
+
+def config(tiny_backbone_dir, checkpoint, output, **kw):
+    cfg = BatchJobConfig(backbone=tiny_backbone_dir, checkpoint=checkpoint, output=str(output),
+                         generation=GenerationConfig(**GEN), batch_size=4, actor_num_cpus=0.25, decode_num_cpus=0.25, **kw)
+    return cfg
+
+
+def write_manifest(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist takes its columns from row 0 only
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)  # keeps None (default) apart from NaN (an error)
+    return str(path)
+
+
+def results_of(output):
+    df = pd.read_parquet(os.path.join(output, "results.parquet"))
+    return df.set_index("sample_id")
+
+
+def test_good_and_bad_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    d, refs = clips
+    rows = [
+        {"sample_id": "ok_a", "reference_uri": refs[0], "prompt": "a red circle", "seed": 1},
+        {"sample_id": "ok_b", "reference_uri": refs[1], "prompt": "a blue square", "seed": 2, "lora_strength": 0.5},
+        {"sample_id": "dup_ref", "reference_uri": refs[0], "prompt": "a green ring", "seed": 3},
+        {"sample_id": "corrupt", "reference_uri": str(d / "corrupt.mp4"), "prompt": "x", "seed": 4},
+        {"sample_id": "missing", "reference_uri": str(d / "nope.mp4"), "prompt": "x", "seed": 5},
+        {"sample_id": "no_prompt", "reference_uri": refs[2], "prompt": None, "seed": 6},
+        {"sample_id": "bad_size", "reference_uri": refs[2], "prompt": "x", "seed": 7, "num_frames": 10},
+        {"sample_id": "nan_scale", "reference_uri": refs[2], "prompt": "x", "seed": 8, "guidance_scale": float("nan")},
+        {"sample_id": "../../etc/x", "reference_uri": refs[2], "prompt": "x", "seed": 9},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    summary = run_batch_job(manifest, config(tiny_backbone_dir, checkpoint, out, gen_num_gpus=1, export_loras=True),
+                            progress=False)
+    res = results_of(str(out))
+    assert summary["ok"] == 3 and summary["failed"] == 6
+    assert set(res.index[res.status == "ok"]) == {"ok_a", "ok_b", "dup_ref"}
+    assert "corrupt.mp4" in res.loc["corrupt", "error"]
+    assert "nope.mp4" in res.loc["missing", "error"]
+    assert "prompt is not text" in res.loc["no_prompt", "error"]
+    assert "num_frames" in res.loc["bad_size", "error"]
+    assert "guidance_scale" in res.loc["nan_scale", "error"]
+    assert "unsafe name" in res.loc["../../etc/x", "error"]
+    # the duplicate reference was encoded once
+    assert res.loc["ok_a", "reference_hash"] == res.loc["dup_ref", "reference_hash"]
+    assert res.loc[["ok_a", "dup_ref"], "lora_cache_hit"].sum() == 1
+    # each generation actor held one (fake) GPU, as configured
+    assert all("gpus=[" in w and "gpus=[]" not in w for w in res.loc[res.status == "ok", "gen_worker"])
+    videos = sorted(os.listdir(out / "videos"))
+    assert videos == ["dup_ref.mp4", "ok_a.mp4", "ok_b.mp4"]
+    assert sorted(os.listdir(out / "loras")) == ["dup_ref.safetensors", "ok_a.safetensors", "ok_b.safetensors"]
+    assert not [p for p in (tmp_path).rglob("*") if ".tmp" in p.name]  # no partial files
+    for c in ("t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s"):
+        assert (res.loc[res.status == "ok", c] > 0).all()
+
+
+def test_batch_equals_single_process_per_row(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+
+    _, refs = clips
+    prompts = ["a red circle", "a blue square", "a green ring", "a yellow star"]
+    rows = [{"sample_id": f"r{i}", "reference_uri": refs[i % 3], "prompt": p, "seed": 10 + i,
+             "lora_strength": 1.0 if i != 3 else 0.0} for i, p in enumerate(prompts)]
+    out = tmp_path / "out"
+    run_batch_job(write_manifest(tmp_path / "m.parquet", rows), config(tiny_backbone_dir, checkpoint, out), progress=False)
+    gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, GenerationConfig(**GEN), device="cpu")
+    def through_codec(video):  # H.264 is lossy: put the reference output through the same encoder
+        return decode_video(encode_video(video), "single", 9, 32, 32)
+
+    for r in rows:
+        ref = read_video(r["reference_uri"], 9, 32, 32)
+        ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline ships references between stages as uint8
+        alone = gen.generate([GenerationRequest(r["prompt"], reference=ref, seed=r["seed"], lora_strength=r["lora_strength"])])[0]
+        made = read_video(str(out / "videos" / f"{r['sample_id']}.mp4"), 9, 32, 32)
+        assert (made - through_codec(alone)).abs().mean() < 0.02, r["sample_id"]
+    bare = gen.generate([GenerationRequest(prompts[0], seed=10)])[0]
+    made0 = read_video(str(out / "videos" / "r0.mp4"), 9, 32, 32)
+    assert (made0 - through_codec(bare)).abs().mean() > 0.05  # the LoRA is really there
+
+
+def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    _, refs = clips
+    rows = [{"sample_id": f"s{i}", "reference_uri": refs[i % 3], "prompt": "a red circle", "seed": i} for i in range(5)]
+    out = tmp_path / "out"
+    cfg = config(tiny_backbone_dir, checkpoint, out)
+    run_batch_job(write_manifest(tmp_path / "part.parquet", rows[:2]), cfg, progress=False)
+    first = {p: os.stat(out / "videos" / p).st_mtime_ns for p in os.listdir(out / "videos")}
+    os.remove(out / "results.parquet")  # as if the driver died before its last flush: sidecars remain
+    summary = run_batch_job(write_manifest(tmp_path / "all.parquet", rows), cfg, progress=False)
+    assert summary["ok"] == 3 and summary["skipped"] == 2
+    for p, mtime in first.items():
+        assert os.stat(out / "videos" / p).st_mtime_ns == mtime  # not redone
+    res = results_of(str(out))
+    assert set(res.status) == {"ok", "skipped"} and len(res) == 5
+    again = run_batch_job(write_manifest(tmp_path / "all.parquet", rows), cfg, progress=False)
+    assert again["ok"] == 0 and again["skipped"] == 5
+
+
+def test_max_failures_stops_but_keeps_results(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    d, refs = clips
+    rows = [{"sample_id": f"bad{i}", "reference_uri": str(d / "corrupt.mp4"), "prompt": "x"} for i in range(3)]
+    rows.append({"sample_id": "good", "reference_uri": refs[0], "prompt": "x"})
+    out = tmp_path / "out"
+    with pytest.raises(TooManyFailures, match="max-failures"):
+        run_batch_job(write_manifest(tmp_path / "m.parquet", rows), config(tiny_backbone_dir, checkpoint, out, max_failures=1),
+                      progress=False)
+    res = results_of(str(out))
+    assert len(res) == 4 and (res.status == "failed").sum() >= 2
+
+
+def test_manifest_schema_errors_stop_before_work(tmp_path):
+    with pytest.raises(ManifestError, match="prompt"):
+        read_manifest(write_manifest(tmp_path / "a.parquet", [{"sample_id": "a", "reference_uri": "x"}]))
+    with pytest.raises(ManifestError, match="'seed' has type string"):
+        read_manifest(write_manifest(tmp_path / "b.parquet", [{"sample_id": "a", "reference_uri": "x", "prompt": "p", "seed": "one"}]))
+    with pytest.raises(ManifestError, match="duplicate sample_id values: \\['a'\\]"):
+        read_manifest(write_manifest(tmp_path / "c.parquet", [{"sample_id": "a", "reference_uri": "x", "prompt": "p"}] * 2))
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        read_manifest(str(tmp_path / "none.parquet"))
+
+
+def test_job_against_s3(ray_local, s3_server, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    import boto3
+
+    from video2lora.storage import exists, join, write_bytes_atomic
+
+    _, refs = clips
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="v2l")
+    rows = []
+    for i in range(2):
+        write_bytes_atomic(f"s3://v2l/refs/ref{i}.mp4", open(refs[i], "rb").read())
+        rows.append({"sample_id": f"s3row{i}", "reference_uri": f"refs/ref{i}.mp4", "prompt": "a red circle", "seed": i})
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    write_bytes_atomic("s3://v2l/manifest.parquet", buf.getvalue())  # relative URIs resolve next to it
+    summary = run_batch_job("s3://v2l/manifest.parquet", config(tiny_backbone_dir, checkpoint, "s3://v2l/out"), progress=False)
+    assert summary["ok"] == 2
+    assert exists("s3://v2l/out/videos/s3row0.mp4") and exists(join("s3://v2l/out", "results.parquet"))
+    again = run_batch_job("s3://v2l/manifest.parquet", config(tiny_backbone_dir, checkpoint, "s3://v2l/out"), progress=False)
+    assert again["skipped"] == 2
+
+
+def test_backbone_defaults_do_not_override_explicit_flags(tiny_backbone_dir):
+    cfg = BatchJobConfig(backbone=tiny_backbone_dir, generation=GenerationConfig(steps=3))
+    apply_backbone_defaults(cfg, explicit={"steps"})
+    assert (cfg.generation.num_frames, cfg.generation.height, cfg.generation.steps) == (9, 32, 3)

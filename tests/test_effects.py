@@ -1,0 +1,199 @@
+"""Procedural effects world (video2lora.effects), its classifier and the dataset writer job."""
+
+import itertools
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from video2lora import effects as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- effects
+def test_effect_lists_and_split():
+    assert len(fx.EFFECTS) >= 12 and len(set(fx.EFFECTS)) == len(fx.EFFECTS)
+    assert len(fx.HELDOUT_EFFECTS) >= 4
+    assert not set(fx.TRAIN_EFFECTS) & set(fx.HELDOUT_EFFECTS)
+    assert fx.EFFECTS == list(fx.TRAIN_EFFECTS) + list(fx.HELDOUT_EFFECTS)
+    assert fx.NONE not in fx.EFFECTS
+    assert fx.resolve_effects("train") == list(fx.TRAIN_EFFECTS)
+    assert fx.resolve_effects("heldout") == list(fx.HELDOUT_EFFECTS)
+    assert fx.resolve_effects(None) == fx.resolve_effects("all") == fx.EFFECTS
+    assert fx.resolve_effects("spin,burst") == ["spin", "burst"]
+    with pytest.raises(ValueError):
+        fx.resolve_effects(["no_such_effect"])
+    assert {fx.effect_split(e) for e in fx.TRAIN_EFFECTS} == {"train"}
+    assert {fx.effect_split(e) for e in fx.HELDOUT_EFFECTS} == {"heldout"}
+
+
+@pytest.mark.parametrize("size,frames", [(32, 9), (64, 9), (32, 5)])
+def test_every_effect_renders_in_range(size, frames):
+    scene = fx.sample_scene(np.random.default_rng(3))
+    for effect in fx.ALL_LABELS:
+        v = fx.render_clip(scene, effect, num_frames=frames, size=size)
+        assert v.shape == (3, frames, size, size) and v.dtype == np.float32, effect
+        assert np.isfinite(v).all() and v.min() >= -1.0 and v.max() <= 1.0, effect
+    assert np.array_equal(fx.render_clip(scene, None), fx.render_clip(scene, "none"))
+    with pytest.raises(ValueError):
+        fx.render_clip(scene, "no_such_effect")
+
+
+def test_effects_animate_and_none_is_static():
+    scene = fx.sample_scene(np.random.default_rng(4))
+    static = fx.render_clip(scene, "none")
+    assert np.allclose(static, static[:, :1])
+    for effect in fx.EFFECTS:
+        v = fx.render_clip(scene, effect)
+        assert np.abs(v[:, 1:] - v[:, :-1]).mean() > 0.002, f"{effect} does not change over time"
+
+
+def test_dataset_is_deterministic_per_seed():
+    a = fx.make_dataset(7, 2)
+    b = fx.make_dataset(7, 2)
+    c = fx.make_dataset(8, 2)
+    assert len(a) == 2 * len(fx.EFFECTS)
+    assert [r["clip_id"] for r in a] == [r["clip_id"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["prompt"] == rb["prompt"] and np.array_equal(ra["video"], rb["video"])
+    assert len({r["clip_id"] for r in a} & {r["clip_id"] for r in c}) == 0
+    differ = sum(not np.array_equal(ra["video"], rc["video"]) for ra, rc in zip(a, c))
+    assert differ == len(a)
+    # scenes of an effect do not depend on which other effects are requested
+    t = {r["clip_id"]: r for r in fx.make_dataset(7, 2, effects="train")}
+    for r in a:
+        if r["effect"] in t:
+            assert np.array_equal(r["video"], t[r["clip_id"]]["video"])
+    rec = a[0]
+    for key in ("clip_id", "effect", "split", "prompt", "video", "shape", "colour", "background",
+                "cx", "cy", "radius", "angle", "scene_seed"):
+        assert key in rec
+    assert rec["video"].shape == (3, 9, 32, 32)
+
+
+def test_captions_describe_content_not_effect():
+    banned = set()
+    for e in fx.ALL_LABELS:
+        banned |= {w for w in re.split(r"[_\s]", e) if len(w) >= 4}
+        banned.add(e.replace("_", " "))
+    banned |= {"color", "rotat", "move", "effect"}
+    recs = fx.make_dataset(11, 3, effects=fx.ALL_LABELS)
+    rng = np.random.default_rng(0)
+    captions = [r["prompt"] for r in recs] + [fx.caption(fx.sample_scene(rng)) for _ in range(200)]
+    for cap in captions:
+        low = cap.lower()
+        assert not any(b in low for b in banned), cap
+    for r in recs:
+        assert r["colour"] in r["prompt"] and r["shape"] in r["prompt"] and r["background"] in r["prompt"]
+
+
+def test_scenes_are_valid():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        s = fx.sample_scene(rng)
+        assert s.shape in fx.SHAPES and s.colour in fx.COLOURS and s.background in fx.BACKGROUNDS
+        col = np.asarray(fx.COLOURS[s.colour])
+        assert all(np.linalg.norm(col - np.asarray(stop)) >= 0.5 for stop in fx.BACKGROUNDS[s.background])
+        assert 0.19 <= np.hypot(s.cx, s.cy) <= 0.41
+
+
+def test_every_pair_of_effects_differs_clearly():
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        scene = fx.sample_scene(rng)
+        clips = {e: fx.render_clip(scene, e) for e in fx.ALL_LABELS}
+        for a, b in itertools.combinations(fx.ALL_LABELS, 2):
+            d = np.abs(clips[a] - clips[b])
+            assert d.mean() > 0.012, (a, b, scene, d.mean())
+            assert d.mean(axis=(0, 2, 3)).max() > 0.03, (a, b, scene)
+
+
+def test_shapes_and_colours_differ():
+    rng = np.random.default_rng(5)
+    base = fx.sample_scene(rng)
+    from dataclasses import replace
+
+    shapes = [fx.render_clip(replace(base, shape=s), "none")[:, 0] for s in fx.SHAPES]
+    for a, b in itertools.combinations(range(len(shapes)), 2):
+        assert np.abs(shapes[a] - shapes[b]).mean() > 0.005, (fx.SHAPES[a], fx.SHAPES[b])
+
+
+# ----------------------------------------------------------------------------- classifier
+@pytest.fixture(scope="module")
+def trained_classifier():
+    from video2lora import effect_classifier as ec
+
+    torch.set_num_threads(2)
+    train = fx.make_dataset(100, 12)
+    clips, labels = ec.records_to_arrays(train)
+    model = ec.train_classifier(clips, {"effect": labels["effect"], "colour": labels["colour"]},
+                                epochs=8, seed=0, batch_size=24, lr=4e-3)
+    return model
+
+
+def test_classifier_beats_chance_on_fresh_clips(trained_classifier):
+    from video2lora import effect_classifier as ec
+
+    test = fx.make_dataset(200, 5)
+    acc = ec.evaluate_records(trained_classifier, test)
+    assert set(acc) == {"effect", "colour"}
+    assert acc["effect"] >= 0.6, acc  # chance is 1/14
+    assert acc["colour"] >= 0.4, acc  # chance is 1/8
+
+
+def test_classifier_save_load_roundtrip(trained_classifier, tmp_path):
+    from video2lora import effect_classifier as ec
+
+    path = str(tmp_path / "clf")
+    trained_classifier.save(path)
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    loaded = ec.EffectClassifier.load(path)
+    clips = np.stack([r["video"] for r in fx.make_dataset(300, 1)])
+    a = trained_classifier.predict_proba(clips)
+    b = loaded.predict_proba(clips)
+    assert a.keys() == b.keys()
+    for h in a:
+        np.testing.assert_allclose(a[h], b[h], atol=1e-5)
+    # other clip sizes are resampled; single clips are accepted
+    big = fx.render_clip(fx.sample_scene(np.random.default_rng(0)), "spin", size=64)
+    assert loaded.predict(big)["effect"][0] in fx.ALL_LABELS
+    assert ec.per_class_accuracy(["a", "b", "a"], ["a", "a", "a"]) == {"a": pytest.approx(2 / 3)}
+
+
+# ----------------------------------------------------------------------------- job
+def test_write_effects_dataset(tmp_path):
+    pytest.importorskip("av")
+    sys.path.insert(0, os.path.join(ROOT, "jobs"))
+    try:
+        from make_effects import COLUMNS, main, write_effects_dataset
+    finally:
+        sys.path.remove(os.path.join(ROOT, "jobs"))
+    import pandas as pd
+
+    from video2lora.video_io import read_video
+
+    out = str(tmp_path / "fx")
+    df = write_effects_dataset(out, seed=5, clips_per_effect=2, effects=["spin", "burst"])
+    manifest = pd.read_parquet(os.path.join(out, "clips.parquet"))
+    assert list(manifest.columns) == COLUMNS
+    assert manifest.equals(df) and len(df) == 4
+    assert dict(zip(df.effect, df.split)) == {"spin": "train", "burst": "heldout"}
+    assert df.clip_id.is_unique
+    for uri in df.video_uri:
+        assert uri.startswith("clips/") and os.path.exists(os.path.join(out, uri))
+    v = read_video(os.path.join(out, df.video_uri[0]), 9, 32, 32)
+    ref = torch.from_numpy(fx.make_dataset(5, 2, effects=["spin"])[0]["video"])
+    assert tuple(v.shape) == (3, 9, 32, 32)
+    assert (v - ref).abs().mean() < 0.05  # lossy H.264 round trip stays close
+
+    # the CLI (heldout effects only, absolute URIs)
+    out2 = str(tmp_path / "fx2")
+    assert main(["--out", out2, "--seed", "1", "--clips-per-effect", "1", "--effects", "heldout",
+                 "--absolute-uris"]) == 0
+    m2 = pd.read_parquet(os.path.join(out2, "clips.parquet"))
+    assert sorted(m2.effect) == sorted(fx.HELDOUT_EFFECTS) and set(m2.split) == {"heldout"}
+    assert all(os.path.isabs(u) and os.path.exists(u) for u in m2.video_uri)

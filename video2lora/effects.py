@@ -1,0 +1,400 @@
+"""Procedural "effects" world: simple shapes on simple backgrounds, animated by an effect.
+
+A synthetic stand-in for the paper's effect videos, used to prove the Video2LoRA
+mechanism end to end on CPU: the hypernetwork sees a reference clip showing an
+effect, and must make the frozen backbone reproduce that effect on a new prompt.
+
+* A :class:`Scene` is the *content* (shape, colour, background, position, size,
+  tilt).  :func:`caption` describes only the content, never the effect.
+* An *effect* is a function of time (frame index) applied while rendering the
+  scene: camera warps (spin, zoom, shake), object motion (slides, melt, burst),
+  colour / frame operations (colour cycle, flicker, fade, invert, pixelate, blur).
+* Clips are ``float32`` arrays of shape ``(3, F, H, W)`` with pixels in ``[-1, 1]``
+  (the layout of :mod:`video2lora.video_io`).
+
+Everything is pure numpy, vectorized over frames and pixels, and deterministic
+from a seed: ``make_dataset(seed, ...)`` returns identical data for the same seed
+and fresh scenes for another seed.  The scenes of one effect do not depend on
+which other effects are requested, so ``effects="train"`` and ``effects=None``
+produce the same clips for the shared effects.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "EFFECTS",
+    "TRAIN_EFFECTS",
+    "HELDOUT_EFFECTS",
+    "NONE",
+    "ALL_LABELS",
+    "SHAPES",
+    "COLOURS",
+    "BACKGROUNDS",
+    "Scene",
+    "sample_scene",
+    "render_clip",
+    "caption",
+    "make_dataset",
+    "resolve_effects",
+    "effect_split",
+]
+
+# --------------------------------------------------------------------------- effects
+#: Effects seen while training the hypernetwork.
+TRAIN_EFFECTS: tuple[str, ...] = (
+    "colour_cycle",  # the shape's hue rotates over time
+    "spin",          # the whole view rotates about the frame centre
+    "zoom_in",       # the view magnifies about the shape (up to 2.2x)
+    "slide_left",    # the shape moves from right to left
+    "flicker",       # brightness alternates bright / dim every frame
+    "fade_out",      # the whole frame fades to black
+    "pixelate",      # block size grows 1 -> size/4
+    "melt_down",     # the shape drips downward, column by column
+    "shake",         # the view jitters randomly
+    "blur_in",       # starts heavily blurred, ends sharp
+)
+#: Effects never seen in hypernetwork training (generalisation test).  Two are
+#: mirror images of training effects, two are new.
+HELDOUT_EFFECTS: tuple[str, ...] = (
+    "zoom_out",      # the view shrinks about the shape (down to 1/3)
+    "slide_right",   # the shape moves from left to right
+    "invert",        # colours invert at mid clip
+    "burst",         # the shape swells, fades and throws particles outward
+)
+#: All effects, in classifier label order.
+EFFECTS: list[str] = list(TRAIN_EFFECTS + HELDOUT_EFFECTS)
+#: The static "no effect" class (pretraining / sanity only; not in ``EFFECTS``).
+NONE = "none"
+ALL_LABELS: list[str] = EFFECTS + [NONE]
+
+# --------------------------------------------------------------------------- content
+SHAPES: list[str] = ["circle", "square", "triangle", "ring", "cross", "star", "diamond"]
+
+#: colour name -> RGB in [0, 1]
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.10, 0.10),
+    "green": (0.10, 0.80, 0.20),
+    "blue": (0.15, 0.30, 1.00),
+    "yellow": (0.95, 0.90, 0.10),
+    "purple": (0.60, 0.15, 0.85),
+    "orange": (1.00, 0.55, 0.05),
+    "white": (0.95, 0.95, 0.95),
+    "cyan": (0.10, 0.90, 0.90),
+}
+
+#: background name -> (top RGB, bottom RGB); plain backgrounds have top == bottom
+BACKGROUNDS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "black": ((0.02, 0.02, 0.02), (0.02, 0.02, 0.02)),
+    "gray": ((0.45, 0.45, 0.45), (0.45, 0.45, 0.45)),
+    "dark blue": ((0.05, 0.08, 0.35), (0.05, 0.08, 0.35)),
+    "dark green": ((0.04, 0.25, 0.08), (0.04, 0.25, 0.08)),
+    "maroon": ((0.35, 0.04, 0.06), (0.35, 0.04, 0.06)),
+    "night gradient": ((0.00, 0.00, 0.06), (0.10, 0.25, 0.55)),
+    "dusk gradient": ((0.30, 0.05, 0.30), (0.75, 0.35, 0.12)),
+}
+
+_MIN_CONTRAST = 0.5  # Euclidean RGB distance between shape colour and every background stop
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The content of a clip.  Coordinates are normalised: the frame spans
+    ``[-1, 1]`` in x (right) and y (down); ``radius`` is in the same units."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float  # tilt of the shape, radians
+    seed: int  # drives effect-internal randomness (shake path, drip profile, particles)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _contrast_ok(colour: str, background: str) -> bool:
+    c = np.asarray(COLOURS[colour])
+    return all(np.linalg.norm(c - np.asarray(stop)) >= _MIN_CONTRAST for stop in BACKGROUNDS[background])
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """Draw a random scene.  The shape sits 0.2-0.4 away from the frame centre
+    (so a rotation of the view is visible even for a circle)."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colours = list(COLOURS)
+    backgrounds = list(BACKGROUNDS)
+    while True:
+        colour = colours[int(rng.integers(len(colours)))]
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
+        if _contrast_ok(colour, background):
+            break
+    dist = float(rng.uniform(0.2, 0.4))
+    phi = float(rng.uniform(0.0, 2.0 * np.pi))
+    return Scene(
+        shape=shape,
+        colour=colour,
+        background=background,
+        cx=dist * float(np.cos(phi)),
+        cy=dist * float(np.sin(phi)),
+        radius=float(rng.uniform(0.3, 0.5)),
+        angle=float(rng.uniform(-0.35, 0.35)),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def caption(scene: Scene) -> str:
+    """Content-only caption, e.g. ``"a red circle on a dark blue background"``."""
+    return f"a {scene.colour} {scene.shape} on a {scene.background} background"
+
+
+# --------------------------------------------------------------------------- geometry
+def _sdf(shape: str, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
+    """Signed distance (approx.) in units of the shape radius; negative inside."""
+    if shape == "circle":
+        return np.hypot(qx, qy) - 1.0
+    if shape == "ring":
+        return np.abs(np.hypot(qx, qy) - 0.72) - 0.28
+    if shape == "square":
+        return np.maximum(np.abs(qx), np.abs(qy)) - 0.82
+    if shape == "diamond":
+        return (np.abs(qx) + np.abs(qy) - 1.12) * 0.7071
+    if shape == "triangle":  # apex up (y points down)
+        r = 1.15
+        d = np.maximum(qy, np.maximum(0.866 * qx - 0.5 * qy, -0.866 * qx - 0.5 * qy))
+        return d - 0.5 * r
+    if shape == "cross":
+        ax, ay = np.abs(qx), np.abs(qy)
+        return np.minimum(np.maximum(ax - 1.0, ay - 0.32), np.maximum(ax - 0.32, ay - 1.0))
+    if shape == "star":  # five points, one pointing up
+        theta = np.arctan2(qx, -qy)
+        tri = np.abs(np.mod(theta * (5.0 / (2.0 * np.pi)), 1.0) - 0.5) * 2.0  # 1 at the tips
+        edge = 0.45 + 0.7 * (1.0 - tri)
+        return (np.hypot(qx, qy) - edge) * 0.6
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def _background(name: str, y: np.ndarray) -> np.ndarray:
+    """Background RGB at (source) y coords -> (..., 3)."""
+    top, bottom = (np.asarray(c, np.float32) for c in BACKGROUNDS[name])
+    w = np.clip((y + 1.0) * 0.5, 0.0, 1.0)[..., None]
+    return top * (1.0 - w) + bottom * w
+
+
+def _hsv_shift(rgb: Sequence[float], dh: float) -> tuple[float, float, float]:
+    h, s, v = colorsys.rgb_to_hsv(*rgb)
+    return colorsys.hsv_to_rgb((h + dh) % 1.0, max(s, 0.85), max(v, 0.85))
+
+
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    if sigma < 1e-3:
+        return np.eye(n, dtype=np.float32)
+    i = np.arange(n, dtype=np.float32)
+    g = np.exp(-((i[:, None] - i[None, :]) ** 2) / (2.0 * sigma * sigma))
+    return (g / g.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _block_matrix(n: int, block: int) -> np.ndarray:
+    idx = np.arange(n) // max(1, block)
+    m = (idx[:, None] == idx[None, :]).astype(np.float32)
+    return m / m.sum(1, keepdims=True)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, knots: int = 6) -> np.ndarray:
+    """Smooth random profile in [0, 1] over ``n`` samples."""
+    k = rng.uniform(0.0, 1.0, knots + 1)
+    return np.interp(np.linspace(0, knots, n), np.arange(knots + 1), k)
+
+
+# --------------------------------------------------------------------------- rendering
+def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
+    """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS,
+    or an explicit list (validated; may include ``"none"``)."""
+    if effects is None or effects == "all":
+        return list(EFFECTS)
+    if effects == "train":
+        return list(TRAIN_EFFECTS)
+    if effects in ("heldout", "held_out", "test"):
+        return list(HELDOUT_EFFECTS)
+    if isinstance(effects, str):
+        effects = [e.strip() for e in effects.split(",") if e.strip()]
+    out = list(effects)
+    bad = [e for e in out if e not in ALL_LABELS]
+    if bad:
+        raise ValueError(f"unknown effects {bad}; known: {ALL_LABELS}")
+    return out
+
+
+def effect_split(effect: str) -> str:
+    """'heldout' for held-out effects, else 'train' (``none`` counts as train)."""
+    return "heldout" if effect in HELDOUT_EFFECTS else "train"
+
+
+def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int = 32) -> np.ndarray:
+    """Render ``scene`` animated by ``effect`` (``None``/"none" = static).
+
+    Returns float32 ``(3, num_frames, size, size)`` in ``[-1, 1]``.  Frame 0 shows
+    the plain scene for most effects; the effect's strength grows with time.
+    """
+    effect = NONE if effect is None else effect
+    if effect not in ALL_LABELS:
+        raise ValueError(f"unknown effect {effect!r}; known: {ALL_LABELS}")
+    F, H = int(num_frames), int(size)
+    W = H
+    if F < 2 or H < 8:
+        raise ValueError("need num_frames >= 2 and size >= 8")
+    rng = np.random.default_rng(scene.seed)
+    t = np.arange(F, dtype=np.float32)
+    p = t / (F - 1)  # progress 0 -> 1
+
+    # pixel-centre grid in normalised coords
+    g = (np.arange(H, dtype=np.float32) + 0.5) / H * 2.0 - 1.0
+    gy, gx = np.meshgrid(g, g, indexing="ij")  # (H, W)
+    c = np.array([scene.cx, scene.cy], np.float32)
+
+    # ---- camera: source = M_t @ (pixel - pivot_t) + pivot_t + shift_t (shape and background)
+    M = np.tile(np.eye(2, dtype=np.float32), (F, 1, 1))
+    pivot = np.zeros((F, 2), np.float32)
+    shift = np.zeros((F, 2), np.float32)
+    if effect == "spin":
+        th = p * 1.5 * np.pi  # 270 degrees, counter-clockwise on screen
+        cs, sn = np.cos(th), np.sin(th)
+        M = np.stack([np.stack([cs, -sn], -1), np.stack([sn, cs], -1)], -2).astype(np.float32)
+    elif effect in ("zoom_in", "zoom_out"):
+        mag = 1.0 + 1.2 * p if effect == "zoom_in" else 1.0 / (1.0 + 2.0 * p)
+        M = M / mag[:, None, None]
+        pivot[:] = c
+    elif effect == "shake":
+        amp = 0.25
+        jx = rng.uniform(0.6, 1.0, F) * np.where(np.arange(F) % 2 == 0, 1.0, -1.0)  # alternating x
+        jy = rng.uniform(-1.0, 1.0, F)
+        jit = np.stack([jx, jy], -1)
+        jit[0] = 0.0
+        shift = (amp * jit).astype(np.float32)
+    rel_x = gx[None] - pivot[:, 0, None, None]
+    rel_y = gy[None] - pivot[:, 1, None, None]
+    sx = M[:, 0, 0, None, None] * rel_x + M[:, 0, 1, None, None] * rel_y + pivot[:, 0, None, None] + shift[:, 0, None, None]
+    sy = M[:, 1, 0, None, None] * rel_x + M[:, 1, 1, None, None] * rel_y + pivot[:, 1, None, None] + shift[:, 1, None, None]
+    px = (2.0 / H) * np.sqrt(np.abs(np.linalg.det(M)))  # (F,) pixel footprint in source units
+
+    # ---- object: position / scale of the shape in source coords
+    obj_dx = np.zeros(F, np.float32)
+    obj_scale = np.ones(F, np.float32)
+    obj_alpha = np.ones(F, np.float32)
+    if effect == "slide_left":
+        obj_dx = 0.55 - 1.1 * p
+    elif effect == "slide_right":
+        obj_dx = -0.55 + 1.1 * p
+    elif effect == "burst":
+        obj_scale = 1.0 + 0.7 * p
+        obj_alpha = 1.0 - p
+    ox = sx - (c[0] + obj_dx)[:, None, None]
+    oy = sy - c[1]
+    ca, sa = np.cos(scene.angle), np.sin(scene.angle)
+    rad = scene.radius * obj_scale[:, None, None]
+    qx = (ca * ox + sa * oy) / rad
+    qy = (-sa * ox + ca * oy) / rad
+    sdf = _sdf(scene.shape, qx, qy) * rad  # source units
+    alpha = np.clip(0.5 - sdf / px[:, None, None], 0.0, 1.0) * obj_alpha[:, None, None]
+
+    if effect == "burst":  # particles radiating from the shape centre
+        k = 8
+        phi = rng.uniform(0, 2 * np.pi) + np.arange(k) * (2 * np.pi / k)
+        dist = scene.radius * (0.4 + 2.4 * p)  # (F,)
+        prad = scene.radius * 0.3 * (1.0 - 0.3 * p)
+        pxs = c[0] + dist[:, None] * np.cos(phi)[None]  # (F, k)
+        pys = c[1] + dist[:, None] * np.sin(phi)[None]
+        d = np.hypot(sx[:, None] - pxs[..., None, None], sy[:, None] - pys[..., None, None]).min(1)
+        pa = np.clip(0.5 - (d - prad[:, None, None]) / px[:, None, None], 0.0, 1.0)
+        pa[0] = 0.0
+        alpha = np.maximum(alpha, pa)
+
+    if effect == "melt_down":  # each column drips down by its own length
+        profile = 0.35 + 0.65 * _smooth_noise(rng, W) * rng.uniform(0.7, 1.0, W)
+        drip = np.rint(p[:, None] * 0.55 * H * profile[None]).astype(np.int64)  # (F, W) px
+        sag = np.rint(0.3 * drip).astype(np.int64)
+        src = alpha
+        alpha = np.zeros_like(src)
+        for s in range(int(drip.max()) + 1):
+            sh = np.zeros_like(src)
+            sh[:, s:, :] = src[:, : H - s, :]
+            m = ((s >= sag) & (s <= drip))[:, None, :]
+            alpha = np.maximum(alpha, sh * m)
+
+    # ---- shape colour per frame
+    base = np.asarray(COLOURS[scene.colour], np.float32)
+    col = np.tile(base, (F, 1))
+    if effect == "colour_cycle":
+        for i in range(1, F):
+            col[i] = _hsv_shift(base, i / F)
+
+    # ---- composite (F, H, W, 3) in [0, 1]
+    bg = _background(scene.background, sy)
+    img = bg * (1.0 - alpha[..., None]) + col[:, None, None, :] * alpha[..., None]
+    img = np.ascontiguousarray(img.transpose(0, 3, 1, 2))  # (F, 3, H, W)
+
+    # ---- frame operations
+    if effect == "flicker":
+        img[1::2] *= 0.22
+    elif effect == "fade_out":
+        img *= (1.0 - p)[:, None, None, None]
+    elif effect == "invert":
+        img[F // 2 :] = 1.0 - img[F // 2 :]
+    elif effect == "pixelate":
+        bmax = max(2, H // 4)
+        B = np.stack([_block_matrix(H, int(round(1 + pi * (bmax - 1)))) for pi in p])[:, None]
+        img = B @ img @ B.transpose(0, 1, 3, 2)  # separable block average, (F, 3, H, W)
+    elif effect == "blur_in":
+        smax = H / 8.0
+        G = np.stack([_gauss_matrix(H, float((1.0 - pi) * smax)) for pi in p])[:, None]
+        img = G @ img @ G.transpose(0, 1, 3, 2)  # separable Gaussian blur
+
+    out = np.clip(img, 0.0, 1.0) * 2.0 - 1.0
+    return np.ascontiguousarray(out.transpose(1, 0, 2, 3), dtype=np.float32)  # (3, F, H, W)
+
+
+# --------------------------------------------------------------------------- datasets
+def _effect_rng(seed: int, effect: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(effect.encode())])
+
+
+def make_dataset(
+    seed: int,
+    clips_per_effect: int,
+    effects: str | Iterable[str] | None = None,
+    num_frames: int = 9,
+    size: int = 32,
+) -> list[dict]:
+    """``clips_per_effect`` fresh scenes per effect, each rendered with that effect.
+
+    Each record: ``clip_id, effect, split, prompt, video`` (float32 ``(3,F,H,W)`` in
+    [-1, 1]) plus the scene parameters (``shape, colour, background, cx, cy, radius,
+    angle, scene_seed``).  Deterministic in ``seed``; the scenes of an effect do not
+    depend on the other requested effects.
+    """
+    records: list[dict] = []
+    for effect in resolve_effects(effects):
+        rng = _effect_rng(seed, effect)
+        for i in range(int(clips_per_effect)):
+            scene = sample_scene(rng)
+            params = scene.to_dict()
+            params["scene_seed"] = params.pop("seed")
+            records.append(
+                {
+                    "clip_id": f"fx{int(seed)}-{effect}-{i:05d}",
+                    "effect": effect,
+                    "split": effect_split(effect),
+                    "prompt": caption(scene),
+                    "video": render_clip(scene, effect, num_frames=num_frames, size=size),
+                    **params,
+                }
+            )
+    return records
