@@ -67,10 +67,12 @@ class LightLoRALinear(nn.Module):
             index = torch.arange(num_loras, device=x.device).repeat(batch // num_loras)
         scale = self.row_scale[index].to(x.dtype)
         xs = x.reshape(batch, -1, x.shape[-1])
-        h = torch.einsum("bti,bri->btr", xs, down[index].to(x.dtype))
-        delta = torch.einsum("btr,bor->bto", h, up[index].to(x.dtype))
-        # rows with strength 0 add exactly 0, so they equal the base output bit for bit
-        return y + (delta * scale[:, None, None]).reshape(y.shape)
+        h = torch.bmm(xs, down[index].to(x.dtype).transpose(1, 2))  # (B, T, r)
+        up_rows = (up[index].to(x.dtype) * scale[:, None, None]).transpose(1, 2)  # (B, r, out), strength folded in
+        # in place on the base output: no delta tensor, no extra pass over the activations;
+        # rows with strength 0 add exact zeros, so they equal the base output bit for bit
+        y.view(batch, -1, y.shape[-1]).baddbmm_(h, up_rows)  # view, never a copy: must write into y
+        return y
 
 
 def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
