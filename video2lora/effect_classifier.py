@@ -66,10 +66,11 @@ class ClassifierConfig:
     heads: dict[str, list[str]] = field(default_factory=lambda: {h: default_vocab(h) for h in HEADS})
     num_frames: int = 9
     input_size: int = 32
-    width: int = 24
+    width: int = 16  # motion (3D) branch base width
+    content_width: int = 24  # content (2D) branch base width
     hidden: int = 256
     dropout: float = 0.1
-    content_frames: int = 3  # first frames read by the content branch (0 = all)
+    content_frames: int = 2  # first frames read by the content branch (0 = all)
 
     def to_json(self) -> str:
         return json.dumps({"model_type": "video2lora-effect-classifier", **asdict(self)}, indent=2)
@@ -111,34 +112,39 @@ class EffectClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig | None = None):
         super().__init__()
         self.config = config = config or ClassifierConfig()
-        w = config.width
-        self.features = nn.Sequential(
-            _block(3, w, (1, 2, 2)),
-            _block(w, 2 * w, (1, 2, 2)),
-            _block(2 * w, 2 * w, 1),
-            _block(2 * w, 4 * w, (2, 2, 2)),
-        )
-        t_out = (config.num_frames - 1) // 2 + 1
-        self.trunk = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(config.dropout),
-            nn.Linear(2 * 4 * w * t_out, config.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout),
-        )
-        self.content = nn.Sequential(
-            _block2d(3, w, 1),
-            _block2d(w, 2 * w, 2),
-            _block2d(2 * w, 2 * w, 1),
-            _block2d(2 * w, 4 * w, 2),
-        )
-        self.frame_score = nn.Linear(8 * w, 1)
-        self.content_trunk = nn.Sequential(
-            nn.Dropout(config.dropout),
-            nn.Linear(8 * w, config.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout),
-        )
+        self.motion_heads = [h for h in config.heads if h not in CONTENT_HEADS]
+        self.content_heads = [h for h in config.heads if h in CONTENT_HEADS]
+        if self.motion_heads:
+            w = config.width
+            self.features = nn.Sequential(
+                _block(3, w, (1, 2, 2)),
+                _block(w, 2 * w, (1, 2, 2)),
+                _block(2 * w, 2 * w, 1),
+                _block(2 * w, 4 * w, (2, 2, 2)),
+            )
+            t_out = (config.num_frames - 1) // 2 + 1
+            self.trunk = nn.Sequential(
+                nn.Flatten(),
+                nn.Dropout(config.dropout),
+                nn.Linear(2 * 4 * w * t_out, config.hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(config.dropout),
+            )
+        if self.content_heads:
+            cw = config.content_width
+            self.content = nn.Sequential(
+                _block2d(3, cw, 1),
+                _block2d(cw, 2 * cw, 2),
+                _block2d(2 * cw, 2 * cw, 1),
+                _block2d(2 * cw, 4 * cw, 2),
+            )
+            self.frame_score = nn.Linear(8 * cw, 1)
+            self.content_trunk = nn.Sequential(
+                nn.Dropout(config.dropout),
+                nn.Linear(8 * cw, config.hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(config.dropout),
+            )
         self.heads = nn.ModuleDict({h: nn.Linear(config.hidden, len(v)) for h, v in config.heads.items()})
 
     # ------------------------------------------------------------------ forward
@@ -160,12 +166,12 @@ class EffectClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.prepare(x)
         out: dict[str, torch.Tensor] = {}
-        if "effect" in self.heads or any(h not in CONTENT_HEADS for h in self.heads):
+        if self.motion_heads:
             z = self.features(x)  # (B, C, T', s, s)
             z = torch.cat([z.mean(dim=(3, 4)), z.amax(dim=(3, 4))], dim=1)  # (B, 2C, T')
             z = self.trunk(z)
-            out.update({h: head(z) for h, head in self.heads.items() if h not in CONTENT_HEADS})
-        if any(h in CONTENT_HEADS for h in self.heads):
+            out.update({h: self.heads[h](z) for h in self.motion_heads})
+        if self.content_heads:
             b = x.shape[0]
             k = self.config.content_frames or x.shape[2]
             fr = x[:, :, :k].permute(0, 2, 1, 3, 4).reshape(b * k, 3, x.shape[3], x.shape[4])
@@ -173,7 +179,7 @@ class EffectClassifier(nn.Module):
             c = torch.cat([c.mean(dim=(2, 3)), c.amax(dim=(2, 3))], dim=1).reshape(b, k, -1)
             att = self.frame_score(c).softmax(dim=1)  # (B, k, 1)
             c = self.content_trunk((att * c).sum(1))
-            out.update({h: head(c) for h, head in self.heads.items() if h in CONTENT_HEADS})
+            out.update({h: self.heads[h](c) for h in self.content_heads})
         return out
 
     @torch.no_grad()
@@ -286,8 +292,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     b = x.shape[0]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    blur_on = (u(b) < 0.5).float()
-    x = _gaussian_blur(x, blur_on * u(b) * 1.0)
+    blur_on = (u(b) < 0.4).float()
+    x = _gaussian_blur(x, blur_on * u(b) * 0.9)
     gain = 1.0 + (u(b, 1, 1, 1, 1) - 0.5) * 0.2
     bias = (u(b, 1, 1, 1, 1) - 0.5) * 0.1
     x = x * gain + bias
@@ -333,7 +339,7 @@ def train_classifier(
             vocab = default_vocab(h) if h in HEADS else []
             vocab += [v for v in dict.fromkeys(vals) if v not in vocab]
             heads[h] = vocab
-        config = ClassifierConfig(heads=heads, num_frames=int(x.shape[2]) if x.shape[2] >= 3 else 9)
+        config = ClassifierConfig(heads=heads, num_frames=int(x.shape[2]))
     missing = [h for h in labels if h not in config.heads]
     if missing:
         raise ValueError(f"no head for labels {missing}")
