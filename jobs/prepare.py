@@ -45,18 +45,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
     from pipelines import defaults
-    from pipelines.prepare import ManifestError, demo_training_manifest, prepare
+    from pipelines.prepare import ManifestError, demo_training_manifest, init_ray, prepare
 
     manifest = a.manifest or demo_training_manifest(seed=a.seed)
     backbone = a.backbone or defaults.tiny_backbone()
-    import ray
-
-    if a.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=a.ray_address or os.environ["RAY_ADDRESS"])
-    else:  # a local cluster: its workers import our packages from this checkout
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
+    init_ray(a.ray_address)
     try:
         r = prepare(manifest, backbone, a.output, num_frames=a.num_frames, height=a.height, width=a.width,
                     shard_size=a.shard_size, encode_batch_size=a.encode_batch_size, num_encoders=a.num_encoders,

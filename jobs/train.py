@@ -91,19 +91,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
-    from pipelines.prepare import ManifestError, resolve_prepared
+    from pipelines.prepare import ManifestError, init_ray, resolve_prepared
     from pipelines.train import run_training
     from video2lora import storage
 
     job, manifest = build_job(a)
-    import ray
-
-    if a.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=a.ray_address or os.environ["RAY_ADDRESS"])
-    else:  # a local cluster: its workers import our packages from this checkout
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
+    init_ray(a.ray_address)
     try:
         prepared = resolve_prepared(
             a.prepared or storage.join(job.storage_path, "prepared"), manifest, job.backbone,

@@ -19,7 +19,9 @@ import pandas as pd
 import torch
 
 from video2lora.config import BatchJobConfig
-from video2lora.storage import content_hash, exists, join, read_bytes, redact, safe_child, write_bytes_atomic
+from video2lora.storage import (
+    content_hash, exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,13 @@ def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def set_torch_threads(cfg: BatchJobConfig) -> int:
+    """Apply cfg.torch_threads (0: keep the default) in an actor; returns the thread count in effect."""
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    return torch.get_num_threads()
+
+
 # --- stage 2: hypernetwork (actor pool) ---
 
 class HypernetStage:
@@ -78,6 +87,7 @@ class HypernetStage:
         from video2lora.generate import Video2LoRAGenerator
 
         start = time.perf_counter()
+        set_torch_threads(cfg)
         self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri)
         self.cfg = cfg
         g = cfg.generation
@@ -129,12 +139,13 @@ class GenerateStage:
         from video2lora.generate import Video2LoRAGenerator
 
         start = time.perf_counter()
+        threads = set_torch_threads(cfg)
         self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri, cfg.generation)
         self.cfg = cfg
         lc = self.generator.model.config.lora
         self.a_shape = (len(self.generator.layer_names), lc.rank, lc.down)
         self.b_shape = (len(self.generator.layer_names), lc.up, lc.rank)
-        self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:gpus={ray.get_gpu_ids()}"
+        self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:gpus={ray.get_gpu_ids()}:threads={threads}"
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
 
     def _request(self, r):
@@ -288,6 +299,33 @@ class TooManyFailures(RuntimeError):
     pass
 
 
+class SetupError(ValueError):
+    """The checkpoint or the backbone cannot be used; raised on the driver before any Ray work starts."""
+
+
+def check_artifacts(cfg: BatchJobConfig) -> None:
+    """Load the checkpoint once on the driver (safetensors and config only: a pickle is refused, never unpickled)
+    and check that the backbone is a pipeline directory, so a bad --checkpoint or --backbone fails at once with
+    one clear message rather than in every actor."""
+    from video2lora.hypernet import Video2LoRAModel
+
+    if not cfg.checkpoint:
+        raise SetupError("no --checkpoint given")
+    if not exists(join(cfg.backbone, "model_index.json")):
+        raise SetupError(f"--backbone {redact(cfg.backbone)} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        Video2LoRAModel.from_pretrained(cfg.checkpoint)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, the job cannot start
+        raise SetupError(f"--checkpoint {redact(cfg.checkpoint)} cannot be used: {_err(e)}") from None
+
+
+def _remove_partial_writes(output: str) -> None:
+    """Temporary files of writes cut short by a killed worker or driver (local output); none is in flight now."""
+    for d in (output, join(output, "videos"), join(output, "rows"), join(output, "loras")):
+        for path in remove_partial_writes(d):
+            logger.warning("removed %s, left by an interrupted write", redact(path))
+
+
 def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True) -> dict:
     """Run (or resume) the batch job. Returns a summary; raises TooManyFailures past --max-failures,
     after writing the results of every finished row."""
@@ -308,7 +346,8 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
             results[sid] = {**prev, "status": "skipped", "error": "done in an earlier run"}
             continue
         try:  # rows are checked here, on the driver; the stages then only see plain strings
-            safe_child(join(cfg.output, "videos"), f"{sid}.mp4")
+            for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
+                safe_child(cfg.output, name)
             settings = row_settings(row, dataclasses.asdict(cfg.generation))
         except ValueError as e:
             results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed", "error": _err(e)}
@@ -318,6 +357,9 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     limit = failure_limit(cfg.max_failures, len(rows))
     failed = sum(r["status"] == "failed" for r in results.values())
     logger.info("%d rows: %d to do, %d done earlier", len(rows), len(todo), len(rows) - len(todo) - failed)
+    if todo:
+        check_artifacts(cfg)
+    _remove_partial_writes(cfg.output)
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -329,17 +371,24 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     stopped = None
     if todo:
         df = pd.DataFrame(todo)
-        ds = ray.data.from_pandas(df).repartition(max(1, min(len(df), len(df) // max(cfg.batch_size, 1) + 1)))
+        # blocks of one generation batch each, cut here on the driver: a repartition would run as tasks of 1 CPU,
+        # which never get scheduled once the actors hold more than all CPUs but one (e.g. 2 generation actors +
+        # the hypernetwork actor at 0.5 CPU each on 2 CPUs), and the job would hang
+        step = max(cfg.batch_size, 1)
+        ds = ray.data.from_pandas([df.iloc[i: i + step] for i in range(0, len(df), step)])
         ds = ds.map_batches(fetch_and_decode, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})
+        # A dead actor (killed, node lost) is restarted and the batches it held are run again: stages are pure
+        # and every write is atomic, so a row is never half-written nor reported twice.
+        retry = {"max_restarts": -1, "max_task_retries": -1}
         ds = ds.map_batches(HypernetStage, batch_format="pandas", batch_size=cfg.hyper_batch_size,
                             compute=ActorPoolStrategy(size=cfg.num_hyper_actors),
-                            num_gpus=cfg.hyper_num_gpus, num_cpus=cfg.actor_num_cpus,
+                            num_gpus=cfg.hyper_num_gpus, num_cpus=cfg.actor_num_cpus, **retry,
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint,
                                                    "cfg": cfg})
         ds = ds.map_batches(GenerateStage, batch_format="pandas", batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.num_gen_actors),
-                            num_gpus=cfg.gen_num_gpus, num_cpus=cfg.actor_num_cpus,
+                            num_gpus=cfg.gen_num_gpus, num_cpus=cfg.actor_num_cpus, **retry,
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint, "cfg": cfg})
         ds = ds.map_batches(write_videos, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})
@@ -359,6 +408,8 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
                 stopped = f"stopped: {failed} failed rows exceed --max-failures {cfg.max_failures}"
                 break
         bar.close()
+        if not stopped:  # every write has ended: clear what a killed actor left, e.g. a LoRA file cut short
+            _remove_partial_writes(cfg.output)
     for row in rows:
         results.setdefault(row["sample_id"], {c: None for c in RESULT_COLUMNS} | {
             "sample_id": row["sample_id"], "status": "skipped", "error": stopped or "not run"})

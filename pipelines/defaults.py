@@ -36,7 +36,11 @@ def tiny_backbone(preset: str = DEFAULT_PRESET, seed: int = 0) -> str:
 
 def default_checkpoint(backbone_uri: str, seed: int = 0) -> str:
     """The bundled trained checkpoint if present, else a seeded untrained one for the tiny backbone."""
-    if (BUNDLED_CHECKPOINT / "config.json").exists():
+    bundled_backbone = BUNDLED_CHECKPOINT / "backbone"
+    if (BUNDLED_CHECKPOINT / "config.json").exists() and (
+        not (bundled_backbone / "model_index.json").exists()
+        or os.path.abspath(str(backbone_uri)).rstrip("/") == str(bundled_backbone)
+    ):  # the bundled checkpoint was trained for the bundled backbone: another backbone gets a seeded untrained one
         return str(BUNDLED_CHECKPOINT)
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from video2lora.storage import fs_and_path, redact
+from video2lora.storage import fs_and_path, has_credentials, redact
 
 REQUIRED = {"sample_id": "string", "reference_uri": "string", "prompt": "string"}
 OPTIONAL = {
@@ -39,11 +39,13 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 
 def read_manifest(uri: str) -> list[dict]:
     """Read and check a Parquet manifest (file or directory, local or s3://). Raises ManifestError."""
+    if has_credentials(uri):  # a library's message could quote them in pieces; the URI is not shown either
+        raise ManifestError("the manifest URI has credentials in it (user:password@...): give them to the job's environment instead")
     fs, path = fs_and_path(uri)
     try:
         table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-    except (OSError, pa.ArrowInvalid, FileNotFoundError) as e:
-        raise ManifestError(f"cannot read manifest {redact(uri)}: {redact(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ArrowInvalid, botocore's own errors...: all mean the same here
+        raise ManifestError(f"cannot read manifest {redact(uri)}: {type(e).__name__}: {redact(str(e))}") from None
     schema = table.schema
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
@@ -92,6 +94,9 @@ def row_settings(row: dict, defaults: dict) -> dict:
     out["negative_prompt"] = defaults["negative_prompt"] if negative is None else str(negative)
     if not isinstance(row.get("reference_uri"), str) or not row["reference_uri"]:
         raise ValueError("reference_uri is empty")
+    for col in ("reference_uri", "image_uri"):
+        if has_credentials(row.get(col) or ""):  # the URI itself is left out of the message
+            raise ValueError(f"{col} has credentials in it (user:password@...): give them to the job's environment instead")
     return out
 
 

@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ import torch
 from video2lora import storage
 from video2lora.config import TrainConfig
 from video2lora.training import (
-    PreparedData, ShardReader, format_progress, lr_lambda, prompt_dropout, read_metrics, schedule, step_seed,
+    PreparedData, ShardReader, format_progress, lr_lambda, position_of_step, prompt_dropout, read_metrics, schedule, step_seed,
     training_step, write_metrics,
 )
 
@@ -63,7 +64,7 @@ class TrainJobConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    data_cpus: float = 0.25  # each worker's Ray Data reader actor
+    data_cpus: float = 0.25  # each Ray Data reader task of a worker
     train: TrainConfig = field(default_factory=TrainConfig)
     split: str = "train"  # manifest split to train on ("all": every row)
     max_failures: int = 3
@@ -208,13 +209,18 @@ def _load_rank_file(data: bytes, name: str):
     return tensors, meta
 
 
-def restore_checkpoint(checkpoint, engine, zero_opt, scheduler, rank: int, world: int) -> dict:
-    """Load a checkpoint into the engine; returns the train state (step, epoch, offset, ...)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
+def read_train_state(checkpoint) -> dict:
+    """The checkpoint's train_state.json (step, data position, scheduler, ...)."""
     state = json.loads(_read_checkpoint_file(checkpoint, STATE_NAME))
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {checkpoint.path}: format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return state
+
+
+def restore_checkpoint(checkpoint, state: dict, engine, zero_opt, scheduler, rank: int, world: int) -> None:
+    """Load a checkpoint into the engine: fp32 master partition, AdamW state, RNG, scheduler, step counters."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
     name = f"rank-{rank:05d}.safetensors"
     if state["world_size"] == world:
         tensors, meta = _load_rank_file(_read_checkpoint_file(checkpoint, name), name)
@@ -243,7 +249,6 @@ def restore_checkpoint(checkpoint, engine, zero_opt, scheduler, rank: int, world
         group["lr"] = lr
     engine.global_steps = state["step"]
     engine.global_samples = state["samples_seen"]
-    return state
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -282,6 +287,20 @@ class LoadPairs:
         return {"step": batch["step"], **{k: np.stack(v) for k, v in out.items()}}
 
 
+_LOADERS: "OrderedDict[tuple, LoadPairs]" = OrderedDict()
+
+
+def load_pairs(batch: dict[str, np.ndarray], prepared_uri: str, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Ray Data task: LoadPairs kept per process, so pooled Ray workers reuse their shard headers and example cache
+    across tasks (and across runs), with no dedicated actor to start."""
+    key = (prepared_uri, tuple(fields))
+    if key not in _LOADERS:
+        _LOADERS[key] = LoadPairs(prepared_uri, tuple(fields), cache_bytes=256 << 20)
+        while len(_LOADERS) > 2:
+            _LOADERS.popitem(last=False)
+    return _LOADERS[key](batch)
+
+
 def worker_rows(data: PreparedData, seed: int, global_batch: int, batch_size: int, rank: int,
                 start_step: int, end_step: int) -> list[dict]:
     """This rank's rows of every global batch from start_step+1 to end_step, in training order."""
@@ -305,9 +324,44 @@ def stream_batches(data: PreparedData, rows: list[dict], batch_size: int, num_cp
     for start in range(0, len(rows), per_chunk):
         chunk = rows[start : start + per_chunk]
         ds = ray.data.from_items(chunk, override_num_blocks=max(1, math.ceil(len(chunk) / (batch_size * 4))))
-        ds = ds.map_batches(LoadPairs, fn_constructor_args=(data.uri, data.fields), batch_size=batch_size,
-                            batch_format="numpy", concurrency=1, num_cpus=num_cpus)
+        ds = ds.map_batches(load_pairs, fn_kwargs={"prepared_uri": data.uri, "fields": data.fields},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=2))
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4)
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `depth` items ahead (errors are re-raised in the consumer)."""
+
+    _END = object()
+
+    def __init__(self, iterator, depth: int = 4):
+        import queue
+        import threading
+
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="data-prefetch")
+        self.thread.start()
+
+    def _run(self, iterator) -> None:
+        try:
+            for item in iterator:
+                self.queue.put(item)
+        except BaseException as e:  # handed to the training loop
+            self.queue.put(e)
+            return
+        self.queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 # --------------------------------------------------------------------------------------------- the worker
@@ -317,24 +371,34 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from video2lora.backbones import Backbone
-    from video2lora.config import Video2LoRAConfig
     from video2lora.generate import new_model_for
     from video2lora.hypernet import Video2LoRAModel
     from video2lora.training import backbone_fingerprint, prepare_backbone
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
     job = TrainJobConfig.from_dict(config)
     t = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
-    deepspeed = import_deepspeed(job.use_gpu)
-    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo", auto_mpi_discovery=False)
-
     data = PreparedData.load(job.prepared, job.split)
     global_batch = world * t.batch_size
+
+    # where to start: the latest checkpoint's step fixes the data position, so the data stream starts at once and
+    # warms up (reader actor, first shards) while DeepSpeed and the backbone load
+    checkpoint = ray.train.get_checkpoint()
+    state = read_train_state(checkpoint) if checkpoint is not None else None
+    start_step, samples_seen = (state["step"], state["samples_seen"]) if state else (0, 0)
+    rows = worker_rows(data, t.seed, global_batch, t.batch_size, rank, start_step, t.max_steps)
+    batches = Prefetcher(stream_batches(data, rows, t.batch_size, job.data_cpus), depth=4)
+
+    deepspeed = import_deepspeed(job.use_gpu)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo", auto_mpi_discovery=False)
     backbone = Backbone.from_pretrained(job.backbone, device=device)  # frozen, outside DeepSpeed
-    cfg = Video2LoRAConfig.from_dict(_merge(Video2LoRAConfig().to_dict(), job.model_overrides))
+    cfg = model_config(job.model_overrides)
     model = new_model_for(backbone, cfg, seed=t.seed)  # same seed: identical initial weights on every rank
     prepare_backbone(backbone, model)
     fingerprint = backbone_fingerprint(backbone) if rank == 0 else ""
@@ -342,26 +406,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps))
-    engine, zero_opt, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                          config=deepspeed_config(job))
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None  # Ray's GPU, not LOCAL_RANK's
+    engine, zero_opt, _, scheduler = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                                          lr_scheduler=scheduler, config=deepspeed_config(job))
     compute_dtype = next(engine.module.parameters()).dtype
-
-    start_step, samples_seen = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, engine, zero_opt, scheduler, rank, world)
-        start_step, samples_seen = state["step"], state["samples_seen"]
+    if state is not None:
+        restore_checkpoint(checkpoint, state, engine, zero_opt, scheduler, rank, world)
         if state["world_size"] * state["batch_size"] != global_batch and rank == 0:
             logger.warning("the global batch changed from %d to %d: the data position is recomputed for step %d",
                            state["world_size"] * state["batch_size"], global_batch, start_step)
         if rank == 0:
             logger.info("resumed from %s at step %d (epoch %d, offset %d)", checkpoint.path, start_step,
                         state["epoch"], state["offset"])
+    t_ready = time.perf_counter()
     metrics_uri = storage.join(job.run_uri, METRICS_NAME)
     history = [r for r in read_metrics(metrics_uri) if r["step"] <= start_step] if rank == 0 else []
 
-    rows = worker_rows(data, t.seed, global_batch, t.batch_size, rank, start_step, t.max_steps)
-    batches = stream_batches(data, rows, t.batch_size, job.data_cpus)
     full_weights = None
     per_rank = None
     t_loop = time.perf_counter()
@@ -373,6 +433,10 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"fault drill: rank 0 crashes at step {step}")
         t0 = time.perf_counter()
         raw = next(batches)
+        data_wait = time.perf_counter() - t0
+        if step == start_step + 1 and rank == 0:
+            logger.info("worker ready in %.1fs (model + DeepSpeed), first batch after %.1fs more",
+                        t_ready - t_start, time.perf_counter() - t_ready)
         if int(raw["step"][0]) != step or int(raw["step"][-1]) != step:
             raise RuntimeError(f"data out of order: expected step {step}, got {raw['step'].tolist()}")
         batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in raw.items() if k != "step"}
@@ -390,7 +454,7 @@ def train_loop_per_worker(config: dict) -> None:
         dt = time.perf_counter() - t0
         row = dict(step=step, epoch=epoch, loss=float(mean_loss) / world, lr=float(lr),
                    grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                   samples_per_s=global_batch / dt, time_s=time.perf_counter() - t_loop)
+                   samples_per_s=global_batch / dt, data_wait_s=data_wait, time_s=time.perf_counter() - t_loop)
         if per_rank is None:  # what ZeRO left on each rank, once the moments exist
             per_rank = _all_gather_ints(optimizer_state_numel(zero_opt), world, device)
         if rank == 0:
@@ -400,7 +464,7 @@ def train_loop_per_worker(config: dict) -> None:
                 eta = (time.perf_counter() - t_loop) / done * (t.max_steps - step)
                 logger.info(format_progress(row, t.max_steps, eta))
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            next_epoch, next_offset = (epoch, offset + global_batch)
+            next_epoch, next_offset = position_of_step(len(data.index), global_batch, step + 1)  # the data position
             full_weights = _save_and_report(job, engine, zero_opt, scheduler, cfg, rank, world, step, next_epoch,
                                             next_offset, samples_seen, row, history, metrics_uri)
     if full_weights is None:  # nothing trained in this run (already at max_steps): gather for the artifact
@@ -438,6 +502,13 @@ def train_loop_per_worker(config: dict) -> None:
             {"steps": t.max_steps, "prepared": storage.redact(job.prepared), "backbone": storage.redact(job.backbone),
              "train": dataclasses.asdict(t), "final_loss": history[-1]["loss"] if history else None}, indent=2).encode())
         logger.info("wrote the trained model to %s (%.1f samples/s)", storage.redact(job.output_uri), throughput)
+
+
+def model_config(overrides: dict | None = None):
+    """The paper's Video2LoRAConfig with overrides ({"lora": {...}, "hyper": {...}}); layers come from the backbone."""
+    from video2lora.config import Video2LoRAConfig
+
+    return Video2LoRAConfig.from_dict(_merge(Video2LoRAConfig().to_dict(), overrides or {}))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -513,16 +584,20 @@ def run_training(job: TrainJobConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.prepare import absolute
+
     t = job.train
     if not job.prepared or not job.backbone:
         raise ValueError("run_training needs a prepared data set (job.prepared) and a backbone")
+    job = dataclasses.replace(job, prepared=absolute(job.prepared), backbone=absolute(job.backbone),
+                              storage_path=absolute(job.storage_path), output=absolute(job.output))
     data = PreparedData.load(job.prepared, job.split)
     if len(data.index) < job.num_workers * t.batch_size:
         raise ValueError(f"{len(data.index)} training clips (split {job.split!r}) are fewer than one global batch "
                          f"of {job.num_workers} workers x {t.batch_size}")
     deepspeed_config(job)  # refuse bad settings before starting workers
     path, fs = ray_storage(job.storage_path)
-    resources = {"CPU": job.cpus_per_worker}
+    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),

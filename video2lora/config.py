@@ -129,6 +129,9 @@ class BatchJobConfig:
     gen_num_gpus: float = 0.0  # 1 on a GPU cluster: each generation actor holds one GPU
     actor_num_cpus: float = 0.5  # fractional on small machines, or actors wait forever
     decode_num_cpus: float = 0.25
+    # torch intra-op threads in each hypernetwork / generation actor; 0: leave torch's default, which inside a Ray
+    # actor follows OMP_NUM_THREADS = the actor's whole CPUs (at least 1), so 1 thread for actor_num_cpus=0.5
+    torch_threads: int = 0
     max_failures: float = -1  # < 0: no limit; >= 1: a count; in (0, 1): a fraction of the rows
     export_loras: bool = False
     max_reference_bytes: int = 1 << 30

@@ -35,6 +35,7 @@ class LightLoRALinear(nn.Module):
         self.lora: LayerLoRA | None = None
         self.row_index: torch.Tensor | None = None  # (B,) which LoRA row each batch row uses
         self.row_scale: torch.Tensor | None = None  # (L,) strength per LoRA row, 0 = no LoRA
+        self._rows: tuple | None = None  # inference cache: per-row factors of the current LoRAs (see _row_factors)
 
     @property
     def in_features(self) -> int:
@@ -56,23 +57,40 @@ class LightLoRALinear(nn.Module):
         y = self.base(x)
         if self.lora is None:
             return y
-        down, up = self.lora.down, self.lora.up
-        num_loras = down.shape[0]
         batch = x.shape[0]
-        index = self.row_index
+        down_t, up_t = self._row_factors(batch, x.dtype, x.device)
+        xs = x.reshape(batch, -1, x.shape[-1])
+        # in place on the base output: no delta tensor, no extra pass over the activations;
+        # rows with strength 0 add exact zeros, so they equal the base output bit for bit
+        y.view(batch, -1, y.shape[-1]).baddbmm_(torch.bmm(xs, down_t), up_t)  # view, never a copy: must write into y
+        return y
+
+    def _row_factors(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """down^T (B, in, r) and strength-scaled up^T (B, r, out) of each batch row.
+
+        They depend only on the LoRAs and the batch layout, not on the activations, so without gradients (every
+        denoising step of a request) they are built once and reused: a step then costs one bmm and one baddbmm_
+        per layer, not the 8 small gather/scale/copy ops it took to rebuild them on every forward. With gradients
+        (training) they are rebuilt on every forward, so the autograd graph is always the current one."""
+        lora, scale_rows, index = self.lora, self.row_scale, self.row_index
+        key = (batch, dtype, device, torch.is_inference_mode_enabled())
+        cached = self._rows
+        if (cached is not None and not torch.is_grad_enabled() and cached[0] is lora and cached[1] is scale_rows and cached[2] is index
+                and cached[3] == key):
+            return cached[4], cached[5]
+        num_loras = lora.down.shape[0]
         if index is None:
             # CFG and similar batches stack the same samples k times: [uncond..., cond...]
             if batch % num_loras:
                 raise ValueError(f"batch of {batch} rows does not repeat the {num_loras} LoRA rows")
-            index = torch.arange(num_loras, device=x.device).repeat(batch // num_loras)
-        scale = self.row_scale[index].to(x.dtype)
-        xs = x.reshape(batch, -1, x.shape[-1])
-        h = torch.bmm(xs, down[index].to(x.dtype).transpose(1, 2))  # (B, T, r)
-        up_rows = (up[index].to(x.dtype) * scale[:, None, None]).transpose(1, 2)  # (B, r, out), strength folded in
-        # in place on the base output: no delta tensor, no extra pass over the activations;
-        # rows with strength 0 add exact zeros, so they equal the base output bit for bit
-        y.view(batch, -1, y.shape[-1]).baddbmm_(h, up_rows)  # view, never a copy: must write into y
-        return y
+            index = torch.arange(num_loras, device=lora.down.device).repeat(batch // num_loras)
+        scale = scale_rows[index].to(device, dtype)
+        down_t = lora.down[index].to(device, dtype).transpose(1, 2)  # (B, in, r)
+        up_t = (lora.up[index].to(device, dtype) * scale[:, None, None]).transpose(1, 2)  # (B, r, out), strength folded in
+        if not torch.is_grad_enabled():
+            self._rows = (lora, scale_rows, self.row_index, key, down_t.contiguous(), up_t.contiguous())
+            return self._rows[4], self._rows[5]
+        return down_t, up_t
 
 
 def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -134,12 +152,15 @@ def set_loras(model, names, loras: list[LayerLoRA], strengths: torch.Tensor, row
         layer.lora = lora
         layer.row_scale = strengths.to(lora.down.device, torch.float32)
         layer.row_index = row_index
+        layer._rows = None
 
 
-def clear_loras(model: nn.Module) -> None:
-    for m in model.modules():
+def clear_loras(model: nn.Module, names: list[str] | None = None) -> None:
+    """Leave the model bare: every LightLoRA layer, or only the named ones (no walk over all modules)."""
+    layers = lightlora_layers(model, names) if names is not None else model.modules()
+    for m in layers:
         if isinstance(m, LightLoRALinear):
-            m.lora = m.row_scale = m.row_index = None
+            m.lora = m.row_scale = m.row_index = m._rows = None
 
 
 @contextlib.contextmanager
@@ -149,4 +170,4 @@ def per_sample_loras(model, names, loras, strengths, row_index=None):
     try:
         yield
     finally:
-        clear_loras(model)
+        clear_loras(model, names)

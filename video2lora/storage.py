@@ -41,7 +41,9 @@ _SECRET_QUERY = re.compile(
     r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|sig|token)=)[^&\s'\"]+",
     re.IGNORECASE,
 )
+_URL_CREDENTIALS = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/@\s]*@|[^/@:\s]*:(?!\d+(?:/|$))[^@\s]*@)")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_PARTIAL_WRITE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_bytes_atomic's temporary ".NAME.XXXXXXXX.tmp"
 
 
 class StorageError(RuntimeError):
@@ -59,8 +61,17 @@ def redact(text: str) -> str:
     return text
 
 
+def has_credentials(uri: str) -> bool:
+    """True for a URL with ``user[:password]@`` in it (e.g. ``s3://KEY:SECRET@bucket/key``; the password may
+    hold a ``/``, so ``host:port/path@x`` is told apart by its port)."""
+    return bool(_URL_CREDENTIALS.match(str(uri)))
+
+
 def _fail(action: str, uri: str, err: BaseException) -> StorageError:
-    return StorageError(f"cannot {action} {redact(uri)}: {type(err).__name__}: {redact(str(err))}")
+    # A library's own message may quote a URL's credentials in pieces that redact() cannot recognise
+    # (s3fs takes "KEY:SECRET@bucket" for a bucket name), so it is withheld for such URLs.
+    detail = "details withheld: the URI has credentials in it" if has_credentials(uri) else redact(str(err))
+    return StorageError(f"cannot {action} {redact(uri)}: {type(err).__name__}: {detail}")
 
 
 def retry(fn, *, attempts=None, base_delay=None, max_delay=None, retry_on=RETRY_ON):
@@ -139,7 +150,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     def write_local():
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")  # see _PARTIAL_WRITE
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
@@ -156,6 +167,21 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         retry(write_local if _is_local(fs) else lambda: fs.pipe_file(path, data))
     except Exception as err:
         raise _fail("write", uri, err) from None
+
+
+def remove_partial_writes(directory: str) -> list[str]:
+    """Delete the temporary files that :func:`write_bytes_atomic` leaves directly under ``directory`` when its
+    process is killed mid-write; returns their paths. Local paths only (an object store never shows an unfinished
+    upload). Call it only while nothing is writing there."""
+    fs, path = fs_and_path(directory)
+    if not _is_local(fs) or not os.path.isdir(path):
+        return []
+    removed = []
+    for name in os.listdir(path):
+        if _PARTIAL_WRITE.fullmatch(name):
+            os.unlink(os.path.join(path, name))
+            removed.append(os.path.join(path, name))
+    return removed
 
 
 def exists(uri: str) -> bool:

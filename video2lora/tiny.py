@@ -12,7 +12,9 @@ WORDS = (
     "red green blue yellow purple orange white black gray grey cyan pink brown dark light bright "
     "circle square triangle ring cross star shape disk box dot line stripe "
     "background scene frame video clip moving slowly quickly left right up down center corner "
-    "cat dog person car tree house water sky fire smoke flower bird ball"
+    "cat dog person car tree house water sky fire smoke flower bird ball "
+    # appended for the effects world's captions (video2lora.effects); only ever append, never reorder
+    "diamond maroon night gradient dusk"
 ).split()
 
 
@@ -80,9 +82,65 @@ def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, t
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
+def effects_cogvideox(seed: int = 0, latent_channels: int = 8, temporal_compression: int = 1):
+    """A CogVideoX T2V pipeline sized to *learn* the procedural effects world (video2lora.effects) on CPU.
+
+    32x32 clips of 9 frames. VAE: 4x spatial and, by default, no temporal compression (the CogVideoX VAE
+    averages frame pairs when it compresses time, which smears frame-level effects such as flicker and shake),
+    so a clip is 9 latent frames of 8x8x8; DiT: patch 2 -> 16 tokens per frame, 144 video tokens, 6 blocks of
+    width 128 (about 3 M parameters). Text: a tiny T5 over the offline tokenizer (every caption word is a
+    token). Random weights encode nothing: `video2lora.pretrain` trains the VAE, then the DiT (and text
+    encoder) before the backbone is frozen; see docs/EFFECTS.md."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=temporal_compression,
+        sample_height=32,
+        sample_width=32,
+        scaling_factor=1.0,  # set from the trained encoder's latent statistics by video2lora.pretrain
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        time_embed_dim=128,
+        text_embed_dim=64,
+        num_layers=6,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=temporal_compression,
+        max_text_seq_length=16,
+        use_rotary_positional_embeddings=True,
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        timestep_spacing="trailing", snr_shift_scale=1.0,
+    )
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
 PRESETS = {
     "tiny-cogvideox": lambda seed=0: tiny_cogvideox(i2v=False, seed=seed),
     "tiny-cogvideox-i2v": lambda seed=0: tiny_cogvideox(i2v=True, seed=seed),
+    "effects-cogvideox": lambda seed=0: effects_cogvideox(seed=seed),
     "tiny-wan": lambda seed=0: __import__("video2lora.wan", fromlist=["tiny_wan"]).tiny_wan(seed=seed),
 }
 

@@ -41,7 +41,7 @@ ERRORS_NAME = "errors.parquet"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARDS_DIR = "shards"
 TENSOR_FIELDS = ("latents", "prompt_embeds", "image_latents")
-METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "time_s")
+METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_s", "time_s")
 
 
 # --------------------------------------------------------------------------------------------- prepared data
@@ -277,6 +277,7 @@ def backbone_fingerprint(backbone) -> str:
 @torch.no_grad()
 def eval_loss(model, backbone, data: PreparedData, seed: int = 1234, batch_size: int = 4, repeats: int = 2) -> float:
     """Loss over the prepared set with fixed pairs, timesteps and noise (no dropout): comparable across models."""
+    prepare_backbone(backbone, model)
     was_training = model.training
     model.eval()
     pairs = draw_pairs(data.effects, seed, 0) * repeats
@@ -312,7 +313,7 @@ def read_metrics(uri: str) -> list[dict]:
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
     out = []
     for r in rows:
-        out.append({k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in r.items() if v not in ("", None)})
+        out.append({k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in r.items() if v not in ("", None) and k})
     return out
 
 
@@ -353,6 +354,7 @@ def train_single_process(
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0))
         batch = collate([data.example(t) for t, _ in pairs], [data.example(r) for _, r in pairs])
+        data_wait = time.perf_counter() - t0
         batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, cfg.prompt_dropout, g)
         loss = training_step(model, backbone, batch, g)
         optimizer.zero_grad(set_to_none=True)
@@ -363,7 +365,7 @@ def train_single_process(
         scheduler.step()
         dt = time.perf_counter() - t0
         rows.append(dict(step=step, epoch=epoch, loss=float(loss.detach()), lr=lr, grad_norm=float(grad_norm),
-                         samples_per_s=len(pairs) / dt, time_s=time.perf_counter() - start))
+                         samples_per_s=len(pairs) / dt, data_wait_s=data_wait, time_s=time.perf_counter() - start))
         if log_every and (step % log_every == 0 or step == max_steps):
             logger.info(format_progress(rows[-1], max_steps))
     if metrics_uri:

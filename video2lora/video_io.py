@@ -40,7 +40,10 @@ def _open(data: bytes, uri: str):
     if not data:
         raise _error(uri, "empty file")
     try:
-        container = av.open(io.BytesIO(data), mode="r", metadata_errors="replace")
+        # Only the bytes given are read: an empty protocol whitelist ("none" names no protocol) stops demuxers
+        # that open other files or URLs (e.g. an ffconcat script named .mp4 pointing at files on the worker).
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="replace",
+                            container_options={"protocol_whitelist": "none"})
     except (av.FFmpegError, EOFError) as err:
         raise _error(uri, f"not a readable video ({_av_reason(err)})") from None
     if not container.streams.video or container.streams.video[0].codec_context is None:

@@ -1,0 +1,212 @@
+"""The whole synthetic-effects recipe in one command: dataset, pretrain, judge, train, baselines, evaluate.
+
+    python jobs/recipe.py --out outputs/effects                 # about an hour on 2 CPU cores
+    python jobs/recipe.py --out outputs/effects --ship          # ... and copy the result into video2lora/assets
+    python jobs/recipe.py --out /tmp/fx --pretrain-device cuda  # the backbone pretraining on a GPU
+
+Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
+
+1. data       jobs/make_effects.py: the hypernetwork's training set (train + held-out effects, seed 0), the
+              judge's training clips (seed 1) and test clips (seed 2), all mp4 + Parquet manifests;
+2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on freshly rendered captioned clips
+              of every effect (never named in a caption); saved frozen as a diffusers directory;
+3. judge      jobs/evaluate.py --train-classifier: the effect / content classifier on real clips;
+4. train      jobs/train.py (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux matrices on the
+              training effects only, references paired by effect as in the paper;
+5. baselines  video2lora.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
+6. evaluate   jobs/evaluate.py: the table (seen / held-out x video2lora / no LoRA / per-effect LoRA) and a
+              contact sheet per effect.
+
+Progress: each stage prints its own progress lines (steps, losses, ETA); the recipe prints a banner per stage and
+the wall time of every stage at the end (also in <out>/recipe.json). Numbers of the shipped run: docs/EFFECTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STAGES = ("data", "pretrain", "judge", "train", "baselines", "evaluate")
+HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4}}
+logger = logging.getLogger("recipe")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/effects")
+    p.add_argument("--only", default="", help=f"comma-separated stages of {','.join(STAGES)}")
+    p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
+    p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
+    p.add_argument("--pretrain-clips-per-label", type=int, default=200)
+    p.add_argument("--pretrain-device", default="cpu")
+    p.add_argument("--vae-minutes", type=float, default=8.0)
+    p.add_argument("--dit-minutes", type=float, default=15.0)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--dit-batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=400, help="hypernetwork steps (about 5 s each on 2 shared cores)")
+    p.add_argument("--train-lr", type=float, default=5e-4)
+    p.add_argument("--baseline-steps", type=int, default=500)
+    p.add_argument("--baseline-rank", type=int, default=4)
+    p.add_argument("--eval-seed", type=int, default=7)
+    p.add_argument("--refs-per-effect", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on a shared 2-core machine OpenMP spinning costs more than it gives)")
+    p.add_argument("--ship", action="store_true", help="copy checkpoint + backbone + judge + baselines into video2lora/assets")
+    return p.parse_args(argv)
+
+
+def run(cmd: list[str], env=None) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def stage_data(a, paths) -> None:
+    from video2lora.effects import ALL_LABELS
+
+    py = sys.executable
+    run([py, "jobs/make_effects.py", "--out", paths["data"], "--seed", "0", "--clips-per-effect",
+         str(a.clips_per_effect), "--effects", "all"])
+    run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect", "60",
+         "--effects", ",".join(ALL_LABELS)])
+    run([py, "jobs/make_effects.py", "--out", paths["judge_test"], "--seed", "2", "--clips-per-effect", "20",
+         "--effects", ",".join(ALL_LABELS)])
+
+
+def stage_pretrain(a, paths) -> None:
+    run([sys.executable, "jobs/pretrain_backbone.py", "--out", paths["backbone"], "--device", a.pretrain_device,
+         "--clips-per-label", str(a.pretrain_clips_per_label), "--vae-steps", "100000", "--vae-minutes",
+         str(a.vae_minutes), "--vae-batch", str(a.vae_batch), "--dit-steps", "100000", "--dit-minutes",
+         str(a.dit_minutes), "--dit-batch", str(a.dit_batch), "--threads", str(a.threads), "--force"])
+
+
+def stage_judge(a, paths) -> None:
+    run([sys.executable, "jobs/evaluate.py", "--train-classifier", "--classifier-train",
+         os.path.join(paths["judge_train"], "clips.parquet"), "--classifier-test",
+         os.path.join(paths["judge_test"], "clips.parquet"), "--classifier-out", paths["classifier"],
+         "--threads", str(a.threads)])
+
+
+def stage_train(a, paths) -> None:
+    run([sys.executable, "jobs/train.py", "--ray-address", "local", "--manifest",
+         os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--storage-path",
+         paths["train"], "--output", paths["checkpoint"], "--num-workers", "2", "--max-steps", str(a.train_steps),
+         "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
+         "--checkpoint-every", "250", "--log-every", "10",
+         # a 2-CPU machine: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
+         "--cpus-per-worker", "0.25", "--data-cpus", "0.1", "--model-config", json.dumps(HYPER_CONFIG)],
+        env={"PYTHONPATH": os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x)})
+
+
+def prepared_dir(paths) -> str:
+    root = os.path.join(paths["train"], "prepared")
+    done = [os.path.join(root, d) for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "prepared.json"))]
+    if not done:
+        raise FileNotFoundError(f"no finished preparation under {root}: run the train stage first")
+    return max(done, key=os.path.getmtime)
+
+
+def stage_baselines(a, paths) -> None:
+    import torch
+
+    from video2lora.backbones import Backbone
+    from video2lora.baselines import train_per_effect_loras
+    from video2lora.hypernet import Video2LoRAModel
+    from video2lora.training import PreparedData
+
+    torch.set_num_threads(a.threads)
+    data = PreparedData.load(prepared_dir(paths), split="all")
+    backbone = Backbone.from_pretrained(paths["backbone"], device="cpu")
+    targets = backbone.lora_targets  # the layers the hypernetwork adapts (its checkpoint says which, if there)
+    if os.path.exists(os.path.join(paths["checkpoint"], "config.json")):
+        targets = Video2LoRAModel.from_pretrained(paths["checkpoint"]).config.lora.target_modules
+    model, history = train_per_effect_loras(backbone, data, target_modules=targets, rank=a.baseline_rank,
+                                            steps=a.baseline_steps, batch_size=14, seed=0)
+    os.makedirs(os.path.dirname(paths["baselines"]), exist_ok=True)
+    model.save(paths["baselines"])
+    with open(paths["baselines"] + ".json", "w") as f:
+        json.dump({"rank": a.baseline_rank, "steps": a.baseline_steps, "history": history}, f, indent=2)
+
+
+def stage_evaluate(a, paths) -> None:
+    run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
+         "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.eval_seed),
+         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads)])
+
+
+DONE = {
+    "data": lambda p: os.path.exists(os.path.join(p["judge_test"], "clips.parquet")),
+    "pretrain": lambda p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
+    "judge": lambda p: os.path.exists(os.path.join(p["classifier"], "report.json")),
+    "train": lambda p: os.path.exists(os.path.join(p["checkpoint"], "config.json")),
+    "baselines": lambda p: os.path.exists(p["baselines"]),
+    "evaluate": lambda p: os.path.exists(os.path.join(p["evaluate"], "table.md")),
+}
+
+
+def ship(paths) -> None:
+    """Copy the trained artifact, its frozen backbone, the judge and the baselines into video2lora/assets."""
+    dst = os.path.join(ROOT, "video2lora", "assets", "checkpoint")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.makedirs(dst)
+    for name in ("config.json", "video2lora.safetensors"):
+        shutil.copy(os.path.join(paths["checkpoint"], name), dst)
+    shutil.copytree(paths["backbone"], os.path.join(dst, "backbone"))
+    os.makedirs(os.path.join(dst, "classifier"))
+    for name in ("config.json", "model.safetensors", "report.json"):
+        shutil.copy(os.path.join(paths["classifier"], name), os.path.join(dst, "classifier"))
+    os.makedirs(os.path.join(dst, "baselines"))
+    shutil.copy(paths["baselines"], os.path.join(dst, "baselines"))
+    print(f"shipped into {dst}")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    a = parse_args(argv)
+    out = os.path.abspath(a.out)
+    paths = {"data": f"{out}/data", "judge_train": f"{out}/classifier-data", "judge_test": f"{out}/classifier-test",
+             "backbone": f"{out}/backbone", "classifier": f"{out}/classifier", "train": f"{out}/train",
+             "checkpoint": f"{out}/checkpoint", "baselines": f"{out}/baselines/per_effect_loras.safetensors",
+             "evaluate": f"{out}/evaluate"}
+    only = [s.strip() for s in a.only.split(",") if s.strip()] or list(STAGES)
+    unknown = [s for s in only if s not in STAGES]
+    if unknown:
+        print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
+        return 2
+    timings, start = {}, time.perf_counter()
+    for k, name in enumerate(STAGES):
+        if name not in only:
+            continue
+        if DONE[name](paths) and not a.force:
+            print(f"== [{k + 1}/{len(STAGES)}] {name}: done earlier, skipped", flush=True)
+            continue
+        print(f"== [{k + 1}/{len(STAGES)}] {name} (recipe at {(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+        t = time.perf_counter()
+        globals()[f"stage_{name}"](a, paths)
+        timings[name] = time.perf_counter() - t
+        print(f"== {name} finished in {timings[name] / 60:.1f} min", flush=True)
+    total = time.perf_counter() - start
+    with open(os.path.join(out, "recipe.json"), "w") as f:
+        json.dump({"stage_seconds": timings, "total_seconds": total, "args": vars(a)}, f, indent=2)
+    print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) +
+          f"; total {total / 60:.1f} min")
+    if os.path.exists(os.path.join(paths["evaluate"], "table.md")):
+        print(open(os.path.join(paths["evaluate"], "table.md")).read())
+    if a.ship:
+        ship(paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
