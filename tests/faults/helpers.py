@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import io
 import os
-import signal
 import socket
 import threading
 import time
@@ -177,8 +177,6 @@ def write_manifest(path, rows) -> str:
 def results_table(output: str) -> pd.DataFrame:
     from video2lora.storage import join, read_bytes
 
-    import io
-
     return pd.read_parquet(io.BytesIO(read_bytes(join(output, "results.parquet"))))
 
 
@@ -197,28 +195,3 @@ def partial_files(root) -> list[str]:
     for d, _, files in os.walk(root):
         out += [os.path.join(d, f) for f in files if f.endswith(".tmp") or ".partial" in f]
     return out
-
-
-def descendants(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_and_reap(pids, timeout: float = 30.0) -> list[int]:
-    """SIGKILL the given pids (those this test started), wait for them to go; returns the ones still alive."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            p.send_signal(signal.SIGKILL)
-            procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -10,7 +10,6 @@ import threading
 import time
 
 import psutil
-import pytest
 
 from faults.helpers import (
     ACCESS_KEY, BUCKET, SECRET_KEY, check_final_states, job_config, partial_files, results_table, write_manifest,
