@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny preset, few rows, one round")
     p.add_argument("--out", default="outputs/benchmark", help="where benchmark.json and benchmark.md go (local or s3://)")
     p.add_argument("--preset", choices=bench.PRESETS, default=None, help="backbone of items 1, 4, 6 (default small; quick: tiny)")
-    p.add_argument("--rows", type=int, default=None, help="rows of the batch job in items 1, 4, 6 (default 24; quick 8)")
+    p.add_argument("--rows", type=int, default=None, help="rows of the batch job in items 1, 4, 6 (default 48; quick 8)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per generation call of the batch job (items 1, 6)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     p.add_argument("--rounds", type=int, default=None, help="side-by-side rounds of items 1, 4, 6 (default 2; quick 1)")
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     a.preset = a.preset or ("tiny" if q else "small")
-    a.rows = a.rows or (8 if q else 24)
+    a.rows = a.rows or (8 if q else 48)
     a.rounds = a.rounds or (1 if q else 2)
     a.mixed_rows = a.mixed_rows or (4 if q else 16)
     a.mixed_batch_sizes = [int(x) for x in (a.mixed_batch_sizes or ("1,4" if q else "1,4,16")).split(",")]
@@ -571,8 +571,11 @@ def init_ray(a: argparse.Namespace):
     else:  # always a fresh local instance of our own, never a cluster some other process started here
         for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s node start-up deadline
             try:
+                # more worker processes than CPUs (the stage actors + task workers) is normal on a small machine:
+                # keep idle task workers alive instead of killing them and paying a fresh process (imports) later
                 ray.init(address="local", num_cpus=a.ray_cpus or os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False, runtime_env=runtime_env)
+                         log_to_driver=False, runtime_env=runtime_env,
+                         _system_config={"num_workers_soft_limit": 4 * (a.ray_cpus or os.cpu_count() or 1)})
                 break
             except Exception:  # noqa: BLE001
                 if attempt == 2:

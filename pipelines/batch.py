@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 
@@ -145,7 +146,8 @@ class GenerateStage:
         lc = self.generator.model.config.lora
         self.a_shape = (len(self.generator.layer_names), lc.rank, lc.down)
         self.b_shape = (len(self.generator.layer_names), lc.up, lc.rank)
-        self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:gpus={ray.get_gpu_ids()}:threads={threads}"
+        self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
+                       f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
 
     def _request(self, r):
@@ -381,7 +383,10 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         # A dead actor (killed, node lost) is restarted and the batches it held are run again: stages are pure
         # and every write is atomic, so a row is never half-written nor reported twice.
         retry = {"max_restarts": -1, "max_task_retries": -1}
-        ds = ds.map_batches(HypernetStage, batch_format="pandas", batch_size=cfg.hyper_batch_size,
+        # the hypernetwork's output blocks are what the generation actors are handed, whole: blocks of more than
+        # one generation batch would leave actors idle (3 blocks of 8 rows over 2 actors: one does 16 rows, the
+        # other 8) and hold each row back until its whole block is generated
+        ds = ds.map_batches(HypernetStage, batch_format="pandas", batch_size=min(cfg.hyper_batch_size, cfg.batch_size),
                             compute=ActorPoolStrategy(size=cfg.num_hyper_actors),
                             num_gpus=cfg.hyper_num_gpus, num_cpus=cfg.actor_num_cpus, **retry,
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint,

@@ -22,7 +22,7 @@ import torch
 
 # the "small" preset: the tiny models' VAE and text encoder, a DiT big enough that denoising dominates a row as it
 # does at full size (CogVideoX-5b on an H200: VAE decode 3.4 s against 50 steps x 1.9 s of denoising)
-SMALL_GENERATION = {"num_frames": 17, "height": 32, "width": 32, "steps": 25, "guidance_scale": 6.0}
+SMALL_GENERATION = {"num_frames": 17, "height": 32, "width": 32, "steps": 50, "guidance_scale": 6.0}  # the paper's 50 steps
 PRESETS = ("tiny", "small")
 
 
@@ -339,7 +339,7 @@ def fmt(value, unit: str = "") -> str:
     if unit == "%":
         return f"{100 * value:+.1f} %"
     if unit == "x":
-        return f"{value:.2f}x"
+        return f"{value:.2f}x" if abs(value) >= 0.1 else f"{value:.2g}x"
     if unit == "%hit":
         return f"{100 * value:.0f} %"
     if abs(value) >= 100:
