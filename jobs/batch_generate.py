@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import defaults  # noqa: E402
-from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
+from pipelines.batch import SetupError, TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
 from pipelines.manifest import ManifestError  # noqa: E402
 from video2lora.config import BatchJobConfig, GenerationConfig  # noqa: E402
 
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-num-gpus", type=float, default=c.gen_num_gpus, help="GPUs per generation actor (1 on GPU nodes)")
     p.add_argument("--hyper-num-gpus", type=float, default=c.hyper_num_gpus)
     p.add_argument("--actor-num-cpus", type=float, default=c.actor_num_cpus)
+    p.add_argument("--torch-threads", type=int, default=c.torch_threads,
+                   help="torch threads per actor (0: Ray's default; on CPU nodes set it to the actor's CPU share)")
     p.add_argument("--num-frames", type=int, default=None, help=f"default per row (paper: {g.num_frames})")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -63,7 +65,7 @@ def config_from_args(a: argparse.Namespace) -> BatchJobConfig:
         backbone=backbone, checkpoint=checkpoint, output=a.output, generation=g, batch_size=a.batch_size,
         hyper_batch_size=a.hyper_batch_size, num_hyper_actors=a.num_hyper_actors, num_gen_actors=a.num_gen_actors,
         hyper_num_gpus=a.hyper_num_gpus, gen_num_gpus=a.gen_num_gpus, actor_num_cpus=a.actor_num_cpus,
-        max_failures=a.max_failures, export_loras=a.export_loras,
+        max_failures=a.max_failures, export_loras=a.export_loras, torch_threads=a.torch_threads,
     )
     explicit = {k for k in ("num_frames", "height", "width", "steps", "guidance_scale") if getattr(a, k) is not None}
     return apply_backbone_defaults(cfg, explicit)  # explicit flags win over what the backbone dir suggests
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         ray.init(address=a.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
     try:
         summary = run_batch_job(a.manifest, cfg, progress=not a.quiet)
-    except ManifestError as e:
+    except (ManifestError, SetupError) as e:  # a bad manifest, checkpoint or backbone: refused before any work
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TooManyFailures as e:

@@ -58,7 +58,10 @@ class Backbone:
             class_name = json.load(f).get("_class_name", "")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        pipe = DiffusionPipeline.from_pretrained(local, dtype=dtype)
+        try:  # safetensors only: a backbone dir with only .bin/.pt weights is refused, never unpickled
+            pipe = DiffusionPipeline.from_pretrained(local, dtype=dtype, use_safetensors=True)
+        except (OSError, EnvironmentError) as e:
+            raise ValueError(f"{uri}: cannot load the backbone pipeline with safetensors weights ({e})") from e
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         if class_name in COGVIDEOX_PIPELINES:

@@ -206,6 +206,24 @@ def test_pickle_checkpoint_refused_by_the_job_command(tiny_backbone_dir, checkpo
     assert not os.path.exists(marker) and not os.path.exists(tmp_path / "out" / "videos")
 
 
+def test_backbone_with_pickled_weights_is_refused_never_unpickled(tiny_backbone_dir, tmp_path):
+    import shutil
+
+    from video2lora.backbones import Backbone
+
+    bad = tmp_path / "backbone"
+    shutil.copytree(tiny_backbone_dir, bad)
+    marker = str(tmp_path / "UNPICKLED")
+    for f in (bad / "transformer").glob("*.safetensors"):
+        f.unlink()
+    buf = io.BytesIO()
+    torch.save({"proj_out.weight": _Trap(marker)}, buf)  # what a .bin checkpoint from the hub would look like
+    (bad / "transformer" / "diffusion_pytorch_model.bin").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="cannot load the backbone pipeline with safetensors weights"):
+        Backbone.from_pretrained(str(bad), device="cpu")
+    assert not os.path.exists(marker)
+
+
 def test_checkpoint_that_does_not_match_its_config(tiny_backbone_dir, checkpoint, tmp_path):
     from safetensors.torch import load, save
 
