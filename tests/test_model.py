@@ -115,6 +115,25 @@ def test_artifact_save_load_roundtrip(generator, tmp_path):
         assert k == k2 and torch.equal(v.cpu(), v2)
 
 
+def test_video_encoder_blocks_roundtrip_and_see_frame_order(generator, tmp_path):
+    from video2lora.config import Video2LoRAConfig
+
+    config = Video2LoRAConfig.from_dict({**generator.model.config.to_dict(), "hyper": {"width": 32, "num_heads": 2,
+                                                                                    "encoder_blocks": 2}})
+    torch.manual_seed(0)
+    model = Video2LoRAModel(config)
+    with torch.no_grad():
+        model.hypernet.head.weight.normal_(std=0.05)
+    assert len(model.hypernet.encoder) == 2
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = Video2LoRAModel.from_pretrained(str(tmp_path / "ckpt"))
+    latents = torch.randn(1, config.latent_channels, 3, 4, 4)
+    torch.testing.assert_close(loaded.predict(latents)[0], model.predict(latents)[0], atol=0, rtol=0)
+    # the same frames played backwards (a zoom in vs a zoom out) must give another LoRA
+    backwards = model.predict(latents.flip(2))[0]
+    assert (backwards - model.predict(latents)[0]).abs().max() > 1e-4
+
+
 def test_pickle_checkpoint_is_refused(generator, tmp_path):
     model = generator.model
     model.save_pretrained(str(tmp_path / "ckpt"))

@@ -44,6 +44,7 @@ class HyperConfig:
     iterations: int = 3  # refinement iterations: each predicts a delta on the previous weights
     latent_patch: int = 2  # spatial patch of the latent grid per video token
     head_init_std: float = 1e-3  # tiny init of the prediction head
+    encoder_blocks: int = 0  # self-attention blocks over the video tokens before the decoder reads them (0: paper)
     max_video_tokens: int = 4096  # positional table size for video tokens
 
 

@@ -43,6 +43,23 @@ class DecoderBlock(nn.Module):
         return tokens + self.mlp(self.norm3(tokens))
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention block over the video tokens: lets them compare frames before they are pooled."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(video)
+        video = video + self.attn(h, h, h, need_weights=False)[0]
+        return video + self.mlp(self.norm2(video))
+
+
 class HyperNetwork(nn.Module):
     def __init__(self, config: Video2LoRAConfig):
         super().__init__()
@@ -59,6 +76,7 @@ class HyperNetwork(nn.Module):
         self.col_pos = nn.Parameter(torch.randn(128, w) * 0.02)
         self.weight_embed = nn.Linear(lc.pred_size, w, bias=False)  # current prediction -> token
         self.layer_pos = nn.Parameter(torch.randn(num_layers, w) * 0.02)
+        self.encoder = nn.ModuleList(EncoderBlock(w, hc.num_heads, hc.mlp_ratio) for _ in range(hc.encoder_blocks))
         self.blocks = nn.ModuleList(DecoderBlock(w, hc.num_heads, hc.mlp_ratio) for _ in range(hc.num_blocks))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, lc.pred_size)
@@ -75,7 +93,10 @@ class HyperNetwork(nn.Module):
         x = latents.reshape(n, c, f, gh, p, gw, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(n, f, gh, gw, c * p * p)
         x = self.video_proj(x)
         x = x + self.frame_pos[:f, None, None] + self.row_pos[None, :gh, None] + self.col_pos[None, None, :gw]
-        return x.reshape(n, f * gh * gw, -1)
+        x = x.reshape(n, f * gh * gw, -1)
+        for block in self.encoder:
+            x = block(x)
+        return x
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         video = self.video_tokens(latents)
