@@ -11,10 +11,15 @@ Stages (each is skipped when its output is already there, so a rerun resumes; `-
 2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on freshly rendered captioned clips
               of every effect (never named in a caption); saved frozen as a diffusers directory;
 3. judge      jobs/evaluate.py --train-classifier: the effect / content classifier on real clips;
-4. train      jobs/train.py (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux matrices on the
-              training effects only, references paired by effect as in the paper;
-5. baselines  video2lora.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
-6. evaluate   jobs/evaluate.py: the table (seen / held-out x video2lora / no LoRA / per-effect LoRA) and a
+4. prepare    jobs/prepare.py (Ray Data): every training clip through the frozen VAE and text encoder, once;
+5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect, then the hypernetwork regressed onto
+              them (weight-space warm start; without it the diffusion loss alone teaches a LoRA that ignores
+              the reference - see docs/EFFECTS.md);
+6. train      jobs/train.py --init-checkpoint (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux
+              matrices, end to end with the diffusion loss, on the training effects only, references paired by
+              effect as in the paper;
+7. baselines  video2lora.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
+8. evaluate   jobs/evaluate.py: the table (seen / held-out x video2lora / no LoRA / per-effect LoRA) and a
               contact sheet per effect.
 
 Progress: each stage prints its own progress lines (steps, losses, ETA); the recipe prints a banner per stage and
@@ -35,8 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STAGES = ("data", "pretrain", "judge", "train", "baselines", "evaluate")
-HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4}}
+STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselines", "evaluate")
+# a conv stem over the latent: the hypernetwork learns to tell effects apart about twice as fast (docs/EFFECTS.md)
+HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 logger = logging.getLogger("recipe")
 
 
@@ -52,8 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dit-minutes", type=float, default=15.0)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--train-steps", type=int, default=400, help="hypernetwork steps (about 5 s each on 2 shared cores)")
-    p.add_argument("--train-lr", type=float, default=5e-4)
+    p.add_argument("--table-steps", type=int, default=800, help="warm start: per-effect LoRA steps (about 0.1 s each)")
+    p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
+    p.add_argument("--train-steps", type=int, default=1000, help="end-to-end hypernetwork steps (global batch 8)")
+    p.add_argument("--train-lr", type=float, default=1e-4)
     p.add_argument("--baseline-steps", type=int, default=500)
     p.add_argument("--baseline-rank", type=int, default=4)
     p.add_argument("--eval-seed", type=int, default=7)
@@ -95,15 +103,33 @@ def stage_judge(a, paths) -> None:
          "--threads", str(a.threads)])
 
 
+def _env() -> dict:
+    return {"PYTHONPATH": os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x)}
+
+
+def stage_prepare(a, paths) -> None:
+    run([sys.executable, "jobs/prepare.py", "--ray-address", "local", "--manifest",
+         os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--output",
+         os.path.join(paths["train"], "prepared")], env=_env())
+
+
+def stage_warmstart(a, paths) -> None:
+    run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
+         paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(HYPER_CONFIG),
+         "--table-steps", str(a.table_steps), "--regress-steps", str(a.regress_steps),
+         # one process alone on the machine: up to 2 threads pay off here even where the Ray stages use 1
+         "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))], env=_env())
+
+
 def stage_train(a, paths) -> None:
     run([sys.executable, "jobs/train.py", "--ray-address", "local", "--manifest",
          os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--storage-path",
-         paths["train"], "--output", paths["checkpoint"], "--num-workers", "2", "--max-steps", str(a.train_steps),
+         paths["train"], "--prepared", prepared_dir(paths), "--output", paths["checkpoint"],
+         "--init-checkpoint", paths["warmstart"], "--num-workers", "2", "--max-steps", str(a.train_steps),
          "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
-         "--checkpoint-every", "250", "--log-every", "10",
+         "--checkpoint-every", "250", "--log-every", "50",
          # a 2-CPU machine: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
-         "--cpus-per-worker", "0.25", "--data-cpus", "0.1", "--model-config", json.dumps(HYPER_CONFIG)],
-        env={"PYTHONPATH": os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x)})
+         "--cpus-per-worker", "0.25", "--data-cpus", "0.1"], env=_env())
 
 
 def prepared_dir(paths) -> str:
@@ -146,6 +172,9 @@ DONE = {
     "data": lambda p: os.path.exists(os.path.join(p["judge_test"], "clips.parquet")),
     "pretrain": lambda p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
     "judge": lambda p: os.path.exists(os.path.join(p["classifier"], "report.json")),
+    "prepare": lambda p: os.path.isdir(os.path.join(p["train"], "prepared")) and any(
+        os.path.exists(os.path.join(p["train"], "prepared", d, "prepared.json")) for d in os.listdir(os.path.join(p["train"], "prepared"))),
+    "warmstart": lambda p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
     "train": lambda p: os.path.exists(os.path.join(p["checkpoint"], "config.json")),
     "baselines": lambda p: os.path.exists(p["baselines"]),
     "evaluate": lambda p: os.path.exists(os.path.join(p["evaluate"], "table.md")),
@@ -177,7 +206,7 @@ def main(argv=None) -> int:
     out = os.path.abspath(a.out)
     paths = {"data": f"{out}/data", "judge_train": f"{out}/classifier-data", "judge_test": f"{out}/classifier-test",
              "backbone": f"{out}/backbone", "classifier": f"{out}/classifier", "train": f"{out}/train",
-             "checkpoint": f"{out}/checkpoint", "baselines": f"{out}/baselines/per_effect_loras.safetensors",
+             "checkpoint": f"{out}/checkpoint", "warmstart": f"{out}/warmstart", "baselines": f"{out}/baselines/per_effect_loras.safetensors",
              "evaluate": f"{out}/evaluate"}
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(STAGES)
     unknown = [s for s in only if s not in STAGES]

@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts after crashes")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     p.add_argument("--model-config", default="", help='JSON overrides, e.g. \'{"lora": {"rank": 2}, "hyper": {"width": 96}}\'')
+    p.add_argument("--init-checkpoint", default="",
+                   help="start from this Video2LoRA artifact (e.g. the weight-space warm start of "
+                        "jobs/pretrain_hypernet.py); its config wins over --model-config")
     p.add_argument("--ray-address", default=None, help="default: the cluster of `ray job submit`, else a local one")
     p.add_argument("--fail-once-at-step", type=int, default=0, help=argparse.SUPPRESS)  # fault drill
     return p.parse_args(argv)
@@ -83,6 +86,7 @@ def build_job(a: argparse.Namespace):
         use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker or (1.0 if a.use_gpu else 0.5), data_cpus=a.data_cpus,
         train=t, split=a.split, max_failures=a.max_failures, log_every=a.log_every,
         model_overrides=json.loads(a.model_config) if a.model_config else {}, fail_once_at_step=a.fail_once_at_step,
+        init_checkpoint=a.init_checkpoint,
     )
     return job, manifest
 
@@ -96,6 +100,14 @@ def main(argv=None) -> int:
     from video2lora import storage
 
     job, manifest = build_job(a)
+    if job.init_checkpoint:  # refuse a bad warm start before any Ray work (safetensors only, never unpickled)
+        from video2lora.hypernet import Video2LoRAModel
+
+        try:
+            Video2LoRAModel.from_pretrained(job.init_checkpoint)
+        except (OSError, ValueError) as e:
+            print(f"error: --init-checkpoint {storage.redact(job.init_checkpoint)} cannot be used: {e}", file=sys.stderr)
+            return 2
     init_ray(a.ray_address)
     try:
         prepared = resolve_prepared(

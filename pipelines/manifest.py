@@ -23,6 +23,9 @@ OPTIONAL = {
     "lora_strength": "float",
 }
 MAX_PROMPT_CHARS = 2000
+# frames x height x width of one video: 4x Wan2.1's 81 x 720 x 1280. Each bound above alone still allows a video
+# no GPU holds; such a row would OOM-kill its actor, and restarted actors would retry it forever.
+MAX_VIDEO_PIXELS = 4 * 81 * 720 * 1280
 LIMITS = {"num_frames": (1, 1025), "height": (8, 4096), "width": (8, 4096), "steps": (1, 1000),
           "guidance_scale": (0.0, 100.0), "lora_strength": (0.0, 10.0), "seed": (0, 2**63 - 1)}
 
@@ -84,6 +87,10 @@ def row_settings(row: dict, defaults: dict) -> dict:
                 raise ValueError(f"{col}={value} is not a whole number")
             value = int(value)
         out[col] = value if OPTIONAL[col] == "int" else float(value)
+    pixels = out["num_frames"] * out["height"] * out["width"]
+    if pixels > MAX_VIDEO_PIXELS:
+        raise ValueError(f"num_frames x height x width = {out['num_frames']} x {out['height']} x {out['width']} = "
+                         f"{pixels:,} pixels, more than {MAX_VIDEO_PIXELS:,} per video")
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise ValueError(f"prompt is not text ({type(prompt).__name__})")

@@ -71,6 +71,7 @@ class TrainJobConfig:
     log_every: int = 10
     zero_stage: int = 2
     model_overrides: dict = field(default_factory=dict)  # {"lora": {...}, "hyper": {...}} over the paper defaults
+    init_checkpoint: str = ""  # start from this Video2LoRA artifact (its config wins over model_overrides); "" = fresh
     fail_once_at_step: int = 0  # fault drill: rank 0 crashes once when it reaches this step (0 = never)
 
     @property
@@ -398,8 +399,11 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo", auto_mpi_discovery=False)
     backbone = Backbone.from_pretrained(job.backbone, device=device)  # frozen, outside DeepSpeed
-    cfg = model_config(job.model_overrides)
-    model = new_model_for(backbone, cfg, seed=t.seed)  # same seed: identical initial weights on every rank
+    if job.init_checkpoint:  # a warm start (e.g. the weight-space fit of pretrain_hypernet); same file on every rank
+        model = Video2LoRAModel.from_pretrained(job.init_checkpoint)
+    else:
+        model = new_model_for(backbone, model_config(job.model_overrides), seed=t.seed)  # same seed on every rank
+    cfg = model.config
     prepare_backbone(backbone, model)
     fingerprint = backbone_fingerprint(backbone) if rank == 0 else ""
     model.to(device).train()

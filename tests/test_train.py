@@ -283,3 +283,45 @@ def test_cli_defaults_and_flags():
                               "--batch-size", "2", "--checkpoint-every", "10", "--keep-checkpoints", "2", "--lr", "1e-4"])
     assert (a.num_workers, a.use_gpu, a.max_steps, a.batch_size, a.checkpoint_every, a.keep_checkpoints, a.lr) == (
         8, True, 100, 2, 10, 2, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------- warm start
+def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, tiny_backbone_dir, ray_s3, tmp_path):
+    """jobs/pretrain_hypernet.py: per-effect LoRAs that beat no LoRA on their own clips, a hypernetwork regressed
+    onto them; then a ZeRO-2 run with --init-checkpoint starts from exactly those weights (lr 0 keeps them)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from pipelines.train import run_training
+    from video2lora.hypernet import Video2LoRAModel
+
+    sys.path.insert(0, os.path.join(REPO, "jobs"))
+    import pretrain_hypernet
+
+    out = str(tmp_path / "warm")
+    model_cfg = {"hyper": {**MODEL["hyper"], "stem_channels": 8}}
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", out,
+                                   "--model-config", json.dumps(model_cfg), "--table-steps", "40", "--table-lr", "1e-2",
+                                   "--table-batch-size", "4", "--regress-steps", "150", "--regress-batch-size", "8",
+                                   "--eval-rows", "8"]) == 0
+    report = json.loads(open(os.path.join(out, "warmstart.json")).read())
+    assert report["groups"] == sorted(EFFECTS)
+    table = report["effect_losses"]["table"]
+    assert table["own_effect"] < table["none"]  # the fitted per-effect LoRAs help on their own clips
+    fit = report["regression"][-1]["fit"]
+    first = report["regression"][0]["fit"]
+    assert fit["relative_error"] < 0.5 * first["relative_error"]  # the hypernetwork learned to predict them
+    tables = load_file(os.path.join(out, "lora_tables.safetensors"))
+    warm = Video2LoRAModel.from_pretrained(out)
+    assert tables["a_pred"].shape[:2] == (len(EFFECTS), len(warm.config.layers))
+    assert warm.config.hyper.stem_channels == 8
+
+    job = job_config(prepared[0].uri, tiny_backbone_dir, str(tmp_path / "runs"), "from-warm", max_steps=2, lr=0.0,
+                     weight_decay=0.0)
+    job.init_checkpoint = out
+    info = run_training(job)
+    trained = Video2LoRAModel.from_pretrained(info["output"])
+    assert trained.config == warm.config
+    for k, v in warm.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[k], v, atol=0, rtol=0)

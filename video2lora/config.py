@@ -45,6 +45,7 @@ class HyperConfig:
     latent_patch: int = 2  # spatial patch of the latent grid per video token
     head_init_std: float = 1e-3  # tiny init of the prediction head
     encoder_blocks: int = 0  # self-attention blocks over the video tokens before the decoder reads them (0: paper)
+    stem_channels: int = 0  # >0: two 3x3x3 convolutions over the latent before it is cut into tokens (0: paper)
     max_video_tokens: int = 4096  # positional table size for video tokens
 
 

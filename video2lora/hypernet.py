@@ -69,7 +69,13 @@ class HyperNetwork(nn.Module):
         self.patch = hc.latent_patch
         num_layers = len(config.layers)
         w = hc.width
-        self.video_proj = nn.Linear(config.latent_channels * self.patch**2, w)
+        # the paper projects latent patches linearly; a conv stem lets each token see its neighbours in space and
+        # time (motion, flicker), which a token-wise projection followed by attention pooling learns only slowly
+        c = hc.stem_channels or config.latent_channels
+        self.stem = (nn.Sequential(nn.Conv3d(config.latent_channels, c, 3, padding=1), nn.GELU(),
+                                   nn.Conv3d(c, c, 3, padding=1), nn.GELU())
+                     if hc.stem_channels else nn.Identity())
+        self.video_proj = nn.Linear(c * self.patch**2, w)
         # factorised learned positions, so any clip length and frame size works
         self.frame_pos = nn.Parameter(torch.randn(64, w) * 0.02)
         self.row_pos = nn.Parameter(torch.randn(128, w) * 0.02)
@@ -84,6 +90,7 @@ class HyperNetwork(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def video_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.stem(latents)
         n, c, f, h, w = latents.shape
         p = self.patch
         latents = F.pad(latents, (0, (-w) % p, 0, (-h) % p))

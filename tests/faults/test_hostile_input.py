@@ -75,6 +75,8 @@ def test_hostile_manifest_rows(ray_cluster, tiny_backbone_dir, checkpoint, clips
         "huge_frames": ({"num_frames": 10**9}, ["num_frames=1000000000", "outside"]),
         "huge_height": ({"height": 10**6}, ["height=1000000", "outside"]),
         "zero_width": ({"width": 0}, ["width=0", "outside"]),
+        # each within its own bound, together a video no GPU holds (it would OOM-kill actor after actor)
+        "huge_video": ({"num_frames": 1025, "height": 4096, "width": 4096}, ["1025 x 4096 x 4096", "pixels, more than"]),
         "empty_reference": ({"reference_uri": ""}, ["reference_uri is empty"]),
     }
     for sid, (over, _) in field_rows.items():

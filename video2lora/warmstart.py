@@ -1,0 +1,200 @@
+"""Weight-space warm start of the hypernetwork (HyperDreamBooth-style), before diffusion-loss training.
+
+Trained with the diffusion loss alone from its tiny-init head, the hypernetwork learns a LoRA that ignores the
+reference: the loss only rewards knowing the effect through a small, noisy gradient (one timestep and noise draw
+per sample), and a generic LoRA is the easy way down. Measured on the synthetic-effects world (docs/EFFECTS.md):
+after 900 steps its loss with a reference of the right effect equals the loss with a reference of another effect,
+while per-effect LightLoRAs on the same aux matrices reach 0.063 against 0.073 with no LoRA in 600 steps.
+
+So, before the diffusion-loss run (`jobs/train.py --init-checkpoint`):
+1. `fit_lora_tables`: one (A_pred, B_pred) per group of clips (the effect label that pairs references) trained
+   directly with the diffusion loss, sharing - and training - the model's aux matrices. Fast: every group's
+   weights get the whole gradient of its rows.
+2. `regress_hypernet`: the hypernetwork learns to predict its reference's group weights from the reference latent
+   (a supervised, low-noise signal), so it starts the diffusion-loss run already reading the reference.
+The diffusion-loss run then refines the hypernetwork and aux matrices end to end, as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .lightlora import per_sample_loras
+from .training import PreparedData, prepare_backbone, prompt_dropout, step_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRATable:
+    """One LightLoRA (A_pred (L, r, down), B_pred (L, up, r)) per group, for the model's aux matrices."""
+
+    groups: list[str]
+    a_pred: torch.Tensor  # (G, L, r, down)
+    b_pred: torch.Tensor  # (G, L, up, r)
+
+    def index(self, labels: list[str]) -> torch.Tensor:
+        return torch.tensor([self.groups.index(g) for g in labels])
+
+
+def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
+    return [i for i, g in enumerate(data.effects) if g in groups]
+
+
+def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch_size: int = 8, lr: float = 2e-3,
+                    seed: int = 0, log_every: int = 100) -> tuple[LoRATable, list[dict]]:
+    """Fit one LightLoRA per group with the diffusion loss; the model's aux matrices train with them (in place).
+
+    A_pred starts at unit norm and B_pred at zero, like an ordinary LoRA (A random, B zero), so the LoRA is zero
+    at the start and every group's B gets a gradient from the first step."""
+    groups = sorted(set(data.effects))
+    rows = _rows_by_group(data, groups)
+    prepare_backbone(backbone, model)
+    device = backbone.device
+    model.to(device).train()
+    lc = model.config.lora
+    num_layers = len(model.config.layers)
+    g = torch.Generator().manual_seed(seed)
+    a_tab = torch.nn.Parameter((torch.randn(len(groups), num_layers, lc.rank, lc.down, generator=g) / lc.down**0.5).to(device))
+    b_tab = torch.nn.Parameter(torch.zeros(len(groups), num_layers, lc.up, lc.rank, device=device))
+    params = [a_tab, b_tab, *model.a_aux.parameters(), *model.b_aux.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    history, start, recent = [], time.perf_counter(), []
+    for step in range(1, steps + 1):
+        pick = [rows[int(i)] for i in torch.randint(0, len(rows), (batch_size,), generator=g)]
+        examples = [data.example(i) for i in pick]
+        latents = torch.stack([e["latents"] for e in examples]).to(device)
+        prompts = torch.stack([e["prompt_embeds"] for e in examples])
+        gen = torch.Generator().manual_seed(step_seed(seed, step, 0))
+        prompts, _ = prompt_dropout(prompts, data.empty_prompt, 0.1, gen)
+        idx = torch.tensor([groups.index(data.effects[i]) for i in pick], device=device)
+        loras = model.materialize(a_tab[idx], b_tab[idx])
+        with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(pick), device=device)):
+            loss = backbone.training_loss(latents, prompts.to(device), None, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        recent.append(float(loss.detach()))
+        if step % log_every == 0 or step == steps:
+            history.append({"step": step, "loss": sum(recent) / len(recent), "time_s": time.perf_counter() - start})
+            logger.info("LoRA tables step %d/%d loss %.4f (%.0fs)", step, steps, history[-1]["loss"], history[-1]["time_s"])
+            recent = []
+    table = LoRATable(groups, a_tab.detach().cpu(), b_tab.detach().cpu())
+    return table, history
+
+
+def regression_error(model, latents: torch.Tensor, labels: torch.Tensor, table: LoRATable) -> dict:
+    """Relative squared error of the predicted weights against their group's, and how often the nearest group
+    in weight space is the reference's own (a zero-shot classifier read off the predicted LoRA)."""
+    a_t, b_t = table.a_pred, table.b_pred
+    sa, sb = a_t.std(), b_t.std()
+    with torch.no_grad():
+        a, b = model.predict(latents)
+    a, b = a.cpu().float(), b.cpu().float()
+    rel = (((a - a_t[labels]) ** 2).mean() / sa**2 + ((b - b_t[labels]) ** 2).mean() / sb**2) / 2
+    w = torch.cat([a.flatten(1) / sa, b.flatten(1) / sb], 1)
+    tw = torch.cat([a_t.flatten(1) / sa, b_t.flatten(1) / sb], 1)
+    nearest = torch.cdist(w, tw).argmin(1)
+    return {"relative_error": float(rel), "nearest_group_accuracy": float((nearest == labels).float().mean())}
+
+
+def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1500, batch_size: int = 32,
+                     lr: float = 1e-3, weight_decay: float = 0.03, seed: int = 0, val_fraction: float = 0.2,
+                     log_every: int = 250, device: str | torch.device = "cpu") -> list[dict]:
+    """Train the hypernetwork (only) to predict each reference's group weights from its latent.
+
+    A fixed `val_fraction` of every group's clips is held out of the fit and reported (error and nearest-group
+    accuracy), so a hypernetwork that memorises clips instead of reading effects shows it."""
+    rows = _rows_by_group(data, table.groups)
+    val = rows[:: max(1, round(1 / val_fraction))] if val_fraction > 0 else []
+    fit = [i for i in rows if i not in set(val)]
+    latents = torch.stack([data.example(i)["latents"] for i in rows]).float()
+    position = {r: k for k, r in enumerate(rows)}
+    labels = table.index([data.effects[i] for i in rows])
+    model.to(device).train()
+    a_t, b_t = table.a_pred.to(device), table.b_pred.to(device)
+    sa, sb = a_t.std(), b_t.std()
+    params = list(model.hypernet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    history, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        pick = torch.tensor([position[fit[int(i)]] for i in torch.randint(0, len(fit), (batch_size,), generator=g)])
+        a, b = model.predict(latents[pick].to(device))
+        lab = labels[pick].to(device)
+        loss = (((a - a_t[lab]) ** 2).mean() / sa**2 + ((b - b_t[lab]) ** 2).mean() / sb**2) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            model.eval()
+            fit_idx = torch.tensor([position[i] for i in fit])
+            row = {"step": step, "loss": float(loss.detach()), "time_s": time.perf_counter() - start,
+                   "fit": regression_error(model, latents[fit_idx].to(device), labels[fit_idx], table)}
+            if val:
+                val_idx = torch.tensor([position[i] for i in val])
+                row["val"] = regression_error(model, latents[val_idx].to(device), labels[val_idx], table)
+            model.train()
+            history.append(row)
+            logger.info("hypernetwork regression step %d/%d: fit %s, held-out clips %s (%.0fs)", step, steps,
+                        row["fit"], row.get("val"), row["time_s"])
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def effect_losses(model, backbone, data: PreparedData, weights_of, seed: int = 1234, batch_size: int = 8,
+                  max_rows: int | None = None) -> dict:
+    """Diffusion loss of the clips (fixed timesteps and noise) with no LoRA, with the LoRA of a reference of the
+    same effect, and with the LoRA of a reference of another effect. `weights_of(reference_rows)` gives
+    (A_pred, B_pred) for those rows. own < none says the LoRA helps; own < other says it carries the effect."""
+    import numpy as np
+
+    prepare_backbone(backbone, model)
+    device = backbone.device
+    labels = data.effects
+    rng = np.random.default_rng(seed)
+    rows = list(range(len(labels)))
+    if max_rows and len(rows) > max_rows:
+        rows = sorted(rng.choice(rows, max_rows, replace=False).tolist())
+    own, other = [], []
+    for t in rows:
+        same = [k for k in range(len(labels)) if labels[k] == labels[t] and k != t] or [t]
+        diff = [k for k in range(len(labels)) if labels[k] != labels[t]]
+        own.append(int(rng.choice(same)))
+        other.append(int(rng.choice(diff)) if diff else t)
+    totals = {"none": 0.0, "own_effect": 0.0, "other_effect": 0.0}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        examples = [data.example(t) for t in chunk]
+        latents = torch.stack([e["latents"] for e in examples]).to(device)
+        prompts = torch.stack([e["prompt_embeds"] for e in examples]).to(device)
+        for name, refs in (("none", None), ("own_effect", own[i : i + batch_size]), ("other_effect", other[i : i + batch_size])):
+            gen = torch.Generator().manual_seed(step_seed(seed, i, 0))  # same timesteps and noise for all three
+            if refs is None:
+                loss = backbone.training_loss(latents, prompts, None, generator=gen).mean()
+            else:
+                a, b = weights_of(refs)
+                loras = model.materialize(a.to(device), b.to(device))
+                with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(chunk), device=device)):
+                    loss = backbone.training_loss(latents, prompts, None, generator=gen).mean()
+            totals[name] += float(loss) * len(chunk)
+    return {k: v / len(rows) for k, v in totals.items()}
+
+
+def table_weights(data: PreparedData, table: LoRATable):
+    return lambda refs: (table.a_pred[table.index([data.effects[r] for r in refs])],
+                         table.b_pred[table.index([data.effects[r] for r in refs])])
+
+
+def hypernet_weights(data: PreparedData, model):
+    def weights_of(refs):
+        latents = torch.stack([data.example(r)["latents"] for r in refs]).to(next(model.parameters()).device)
+        return model.predict(latents)
+    return weights_of
