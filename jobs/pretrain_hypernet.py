@@ -95,11 +95,11 @@ def main(argv=None) -> int:
     report = {"groups": table.groups, "clips": len(data.index), "table": table_history, "effect_losses": losses,
               "regression": regress_history, "wall_s": time.perf_counter() - start, "args": vars(a)}
     storage.write_bytes_atomic(storage.join(a.output, "warmstart.json"), json.dumps(report, indent=2).encode())
-    last = regress_history[-1]
+    first, last = (h.get("val", h["fit"]) for h in (regress_history[0], regress_history[-1]))
     print(f"done in {report['wall_s'] / 60:.1f} min: LoRA-table loss {table_history[0]['loss']:.4f} -> "
-          f"{table_history[-1]['loss']:.4f}; hypernetwork on held-out clips: relative error "
-          f"{last.get('val', last['fit'])['relative_error']:.3f}, nearest-effect accuracy "
-          f"{last.get('val', last['fit'])['nearest_group_accuracy']:.2f}; artifact in {storage.redact(a.output)}")
+          f"{table_history[-1]['loss']:.4f}; hypernetwork on clips held out of the fit: relative error "
+          f"{first['relative_error']:.3f} -> {last['relative_error']:.3f}, right effect "
+          f"{first['nearest_group_accuracy']:.2f} -> {last['nearest_group_accuracy']:.2f}; artifact in {storage.redact(a.output)}")
     return 0
 
 

@@ -404,6 +404,9 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model = new_model_for(backbone, model_config(job.model_overrides), seed=t.seed)  # same seed on every rank
     cfg = model.config
+    # DeepSpeed's bf16 mode builds the fp32 master weights from the bf16 copy of the module: a warm start would
+    # begin rounded to bf16. Its exact fp32 weights are put back into the masters after initialize.
+    init_weights = {k: v.detach().clone() for k, v in model.named_parameters()} if job.init_checkpoint else None
     prepare_backbone(backbone, model)
     fingerprint = backbone_fingerprint(backbone) if rank == 0 else ""
     model.to(device).train()
@@ -414,6 +417,12 @@ def train_loop_per_worker(config: dict) -> None:
     engine, zero_opt, _, scheduler = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                                           lr_scheduler=scheduler, config=deepspeed_config(job))
     compute_dtype = next(engine.module.parameters()).dtype
+    if state is None and init_weights is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for n, p in engine.module.named_parameters():
+            safe_set_full_fp32_param(p, init_weights[n].to(p.device))
+        zero_opt.update_lp_params()  # the bf16 compute copies follow the masters
     if state is not None:
         restore_checkpoint(checkpoint, state, engine, zero_opt, scheduler, rank, world)
         if state["world_size"] * state["batch_size"] != global_batch and rank == 0:

@@ -317,8 +317,9 @@ def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, tiny_
     assert tables["a_pred"].shape[:2] == (len(EFFECTS), len(warm.config.layers))
     assert warm.config.hyper.stem_channels == 8
 
+    # bf16 compute: the fp32 master weights must still start as the warm start's fp32 weights, not a bf16 rounding
     job = job_config(prepared[0].uri, tiny_backbone_dir, str(tmp_path / "runs"), "from-warm", max_steps=2, lr=0.0,
-                     weight_decay=0.0)
+                     weight_decay=0.0, mixed_precision="bf16")
     job.init_checkpoint = out
     info = run_training(job)
     trained = Video2LoRAModel.from_pretrained(info["output"])

@@ -80,7 +80,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         recent.append(float(loss.detach()))
-        if step % log_every == 0 or step == steps:
+        if step == 1 or step % log_every == 0 or step == steps:
             history.append({"step": step, "loss": sum(recent) / len(recent), "time_s": time.perf_counter() - start})
             logger.info("LoRA tables step %d/%d loss %.4f (%.0fs)", step, steps, history[-1]["loss"], history[-1]["time_s"])
             recent = []
@@ -123,6 +123,21 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     history, start = [], time.perf_counter()
+
+    def report(step: int, loss: float | None) -> None:
+        model.eval()
+        fit_idx = torch.tensor([position[i] for i in fit])
+        row = {"step": step, "loss": loss, "time_s": time.perf_counter() - start,
+               "fit": regression_error(model, latents[fit_idx].to(device), labels[fit_idx], table)}
+        if val:
+            val_idx = torch.tensor([position[i] for i in val])
+            row["val"] = regression_error(model, latents[val_idx].to(device), labels[val_idx], table)
+        model.train()
+        history.append(row)
+        logger.info("hypernetwork regression step %d/%d: fit %s, held-out clips %s (%.0fs)", step, steps,
+                    row["fit"], row.get("val"), row["time_s"])
+
+    report(0, None)  # where it starts, so the report shows what the regression gained
     for step in range(1, steps + 1):
         pick = torch.tensor([position[fit[int(i)]] for i in torch.randint(0, len(fit), (batch_size,), generator=g)])
         a, b = model.predict(latents[pick].to(device))
@@ -133,17 +148,7 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % log_every == 0 or step == steps:
-            model.eval()
-            fit_idx = torch.tensor([position[i] for i in fit])
-            row = {"step": step, "loss": float(loss.detach()), "time_s": time.perf_counter() - start,
-                   "fit": regression_error(model, latents[fit_idx].to(device), labels[fit_idx], table)}
-            if val:
-                val_idx = torch.tensor([position[i] for i in val])
-                row["val"] = regression_error(model, latents[val_idx].to(device), labels[val_idx], table)
-            model.train()
-            history.append(row)
-            logger.info("hypernetwork regression step %d/%d: fit %s, held-out clips %s (%.0fs)", step, steps,
-                        row["fit"], row.get("val"), row["time_s"])
+            report(step, float(loss.detach()))
     model.eval()
     return history
 
