@@ -364,7 +364,9 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     _remove_partial_writes(cfg.output)
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        # the job's cluster (`ray job submit` sets RAY_ADDRESS), else a fresh local instance: never whatever cluster
+        # address a `ray start` once left in /tmp/ray (a stale one makes ray.init wait for a GCS that is gone)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

@@ -341,8 +341,9 @@ def init_ray(address: str | None = None) -> None:
 
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address not in ("local", "auto"):
+    # no address: a fresh local instance, never a cluster address a `ray start` once left in /tmp/ray ("auto" joins it)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address not in ("local", "auto"):
         ray.init(address=address)
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
