@@ -1,7 +1,9 @@
 """Weight-space warm start of the hypernetwork, before `jobs/train.py --init-checkpoint` (see video2lora/warmstart.py).
 
-    python jobs/pretrain_hypernet.py --prepared outputs/train/prepared/<key> --backbone /models/bb --output outputs/warm
-    python jobs/train.py ... --init-checkpoint outputs/warm
+    python jobs/pretrain_hypernet.py --manifest clips.parquet --backbone /models/bb --prepared outputs/train/prepared \
+        --output outputs/warm
+    python jobs/train.py --manifest clips.parquet --backbone /models/bb --prepared outputs/train/prepared \
+        --init-checkpoint outputs/warm ...
 
 1. fits one LightLoRA per effect label of the prepared training clips (diffusion loss, aux matrices shared);
 2. trains the hypernetwork to predict, from each reference latent, its effect's LightLoRA.
@@ -24,7 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", required=True, help="a complete preparation (jobs/prepare.py or jobs/train.py)")
+    p.add_argument("--prepared", required=True,
+                   help="a complete preparation, or a root to prepare --manifest into (or reuse), as jobs/train.py")
+    p.add_argument("--manifest", default="", help="training manifest to prepare when --prepared is a root")
+    p.add_argument("--ray-address", default=None, help="for the preparation: default the job's cluster, else local")
     p.add_argument("--backbone", required=True, help="the frozen backbone the preparation was made with")
     p.add_argument("--output", required=True, help="where the warm-started Video2LoRA artifact goes (local or s3://)")
     p.add_argument("--split", default="train", help="manifest split to fit on")
@@ -52,12 +57,28 @@ def main(argv=None) -> int:
     from video2lora import storage
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for
-    from video2lora.training import PreparedData
+    from video2lora.training import PREPARED_NAME, PreparedData
     from video2lora.warmstart import effect_losses, fit_lora_tables, hypernet_weights, regress_hypernet, table_weights
 
     if a.threads:
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
+    prepared = a.prepared
+    if not storage.exists(storage.join(prepared, PREPARED_NAME)):
+        if not a.manifest:
+            print(f"error: {storage.redact(prepared)} is not a complete preparation; give --manifest to prepare into it",
+                  file=sys.stderr)
+            return 2
+        from pipelines.prepare import ManifestError, init_ray, resolve_prepared
+
+        init_ray(a.ray_address)
+        try:
+            prepared = resolve_prepared(prepared, a.manifest, a.backbone,
+                                        encoder_num_gpus=1.0 if a.device.startswith("cuda") else 0.0).uri
+        except ManifestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    a.prepared = prepared
     try:
         data = PreparedData.load(a.prepared, a.split)
     except (FileNotFoundError, ValueError) as e:

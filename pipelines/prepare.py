@@ -341,6 +341,8 @@ def init_ray(address: str | None = None) -> None:
 
     import ray
 
+    if ray.is_initialized():  # the caller already chose (a test, a notebook)
+        return
     # no address: a fresh local instance, never a cluster address a `ray start` once left in /tmp/ray ("auto" joins it)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address not in ("local", "auto"):

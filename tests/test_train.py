@@ -286,7 +286,7 @@ def test_cli_defaults_and_flags():
 
 
 # --------------------------------------------------------------------------------------------- warm start
-def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, tiny_backbone_dir, ray_s3, tmp_path):
+def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manifest, tiny_backbone_dir, ray_s3, tmp_path):
     """jobs/pretrain_hypernet.py: per-effect LoRAs that beat no LoRA on their own clips, a hypernetwork regressed
     onto them; then a ZeRO-2 run with --init-checkpoint starts from exactly those weights (lr 0 keeps them)."""
     import sys
@@ -305,6 +305,14 @@ def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, tiny_
                                    "--model-config", json.dumps(model_cfg), "--table-steps", "40", "--table-lr", "1e-2",
                                    "--table-batch-size", "4", "--regress-steps", "150", "--regress-batch-size", "8",
                                    "--eval-rows", "8"]) == 0
+    # a root instead of a preparation: with the manifest it prepares into it (here: finds the same preparation)
+    again = str(tmp_path / "warm-from-manifest")
+    assert pretrain_hypernet.main(["--prepared", prepared[1], "--manifest", manifest, "--backbone", tiny_backbone_dir,
+                                   "--output", again, "--model-config", json.dumps(model_cfg), "--table-steps", "2",
+                                   "--regress-steps", "2", "--eval-rows", "2"]) == 0
+    assert json.loads(open(os.path.join(again, "warmstart.json")).read())["args"]["prepared"] == prepared[0].uri
+    assert pretrain_hypernet.main(["--prepared", str(tmp_path / "nothing"), "--backbone", tiny_backbone_dir,
+                                   "--output", str(tmp_path / "x")]) == 2  # no preparation, no manifest: refused
     report = json.loads(open(os.path.join(out, "warmstart.json")).read())
     assert report["groups"] == sorted(EFFECTS)
     table = report["effect_losses"]["table"]
