@@ -41,6 +41,13 @@ class LoRATable:
         return torch.tensor([self.groups.index(g) for g in labels])
 
 
+def _image_latents(examples: list[dict], device) -> torch.Tensor | None:
+    """First-frame latents of image-to-video backbones (None for text-to-video)."""
+    if "image_latents" not in examples[0]:
+        return None
+    return torch.stack([e["image_latents"] for e in examples]).to(device)
+
+
 def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
     return [i for i, g in enumerate(data.effects) if g in groups]
 
@@ -74,7 +81,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
         idx = torch.tensor([groups.index(data.effects[i]) for i in pick], device=device)
         loras = model.materialize(a_tab[idx], b_tab[idx])
         with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(pick), device=device)):
-            loss = backbone.training_loss(latents, prompts.to(device), None, generator=gen).mean()
+            loss = backbone.training_loss(latents, prompts.to(device), _image_latents(examples, device), generator=gen).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,15 +187,16 @@ def effect_losses(model, backbone, data: PreparedData, weights_of, seed: int = 1
         examples = [data.example(t) for t in chunk]
         latents = torch.stack([e["latents"] for e in examples]).to(device)
         prompts = torch.stack([e["prompt_embeds"] for e in examples]).to(device)
+        image = _image_latents(examples, device)
         for name, refs in (("none", None), ("own_effect", own[i : i + batch_size]), ("other_effect", other[i : i + batch_size])):
             gen = torch.Generator().manual_seed(step_seed(seed, i, 0))  # same timesteps and noise for all three
             if refs is None:
-                loss = backbone.training_loss(latents, prompts, None, generator=gen).mean()
+                loss = backbone.training_loss(latents, prompts, image, generator=gen).mean()
             else:
                 a, b = weights_of(refs)
                 loras = model.materialize(a.to(device), b.to(device))
                 with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(chunk), device=device)):
-                    loss = backbone.training_loss(latents, prompts, None, generator=gen).mean()
+                    loss = backbone.training_loss(latents, prompts, image, generator=gen).mean()
             totals[name] += float(loss) * len(chunk)
     return {k: v / len(rows) for k, v in totals.items()}
 
