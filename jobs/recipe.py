@@ -140,6 +140,14 @@ def prepared_dir(paths) -> str:
     return max(done, key=os.path.getmtime)
 
 
+def has_preparation(paths) -> bool:
+    try:
+        prepared_dir(paths)
+    except FileNotFoundError:  # no prepared/ folder, or nothing finished in it
+        return False
+    return True
+
+
 def stage_baselines(a, paths) -> None:
     import torch
 
@@ -172,8 +180,7 @@ DONE = {
     "data": lambda p: os.path.exists(os.path.join(p["judge_test"], "clips.parquet")),
     "pretrain": lambda p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
     "judge": lambda p: os.path.exists(os.path.join(p["classifier"], "report.json")),
-    "prepare": lambda p: os.path.isdir(os.path.join(p["train"], "prepared")) and any(
-        os.path.exists(os.path.join(p["train"], "prepared", d, "prepared.json")) for d in os.listdir(os.path.join(p["train"], "prepared"))),
+    "prepare": lambda p: has_preparation(p),
     "warmstart": lambda p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
     "train": lambda p: os.path.exists(os.path.join(p["checkpoint"], "config.json")),
     "baselines": lambda p: os.path.exists(p["baselines"]),

@@ -29,34 +29,20 @@ PRESETS = ("tiny", "small")
 def small_cogvideox(seed: int = 0):
     """CogVideoX text-to-video at benchmark size: DiT of 6 blocks x width 384 (12.6 M parameters) over 17x32x32
     clips (5 latent frames of 8x8, 80 video tokens + 16 text tokens); VAE and T5 as small as the tiny preset's."""
-    from diffusers import (
-        AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
-    )
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from video2lora.tiny import tiny_tokenizer
+    from video2lora.tiny import cogvideox_scheduler, tiny_cogvideox_vae, tiny_t5, tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(8, 16, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        temporal_compression_ratio=4, sample_height=32, sample_width=32,
-    )
+    text_encoder = tiny_t5(tokenizer, d_model=64, d_kv=32, d_ff=128, num_heads=2)
+    vae = tiny_cogvideox_vae((8, 16, 16), latent_channels=4, temporal_compression=4)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=64,
         text_embed_dim=64, num_layers=6, sample_width=8, sample_height=8, sample_frames=17, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
     )
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-        timestep_spacing="trailing", snr_shift_scale=1.0,
-    )
+    scheduler = cogvideox_scheduler()
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
 

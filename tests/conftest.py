@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 
@@ -10,6 +11,28 @@ def _clear_fsspec_s3_cache():
     except ImportError:
         return
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
+def patched_env(env: dict):
+    """Set (value) or unset (None) environment variables for the block, then restore them; s3fs's cached clients
+    are dropped on both sides, since they hold the endpoint and keys of the env they were made in."""
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _clear_fsspec_s3_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _clear_fsspec_s3_cache()
 
 
 @pytest.fixture(scope="session")
@@ -31,23 +54,11 @@ def s3_server():
         "AWS_SESSION_TOKEN": None,
         "AWS_PROFILE": None,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _clear_fsspec_s3_cache()  # s3fs caches clients created before the env was set
     try:
-        yield endpoint
+        with patched_env(env):
+            yield endpoint
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_fsspec_s3_cache()
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +94,22 @@ def random_clips(n, frames=9, size=32, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, frames, size, size, generator=g) * 2 - 1 for _ in range(n)]
+
+
+def save_model_for(backbone_dir: str, path: str) -> str:
+    """A seeded Video2LoRA checkpoint (make_model) for the backbone in backbone_dir, saved to path."""
+    from video2lora.backbones import Backbone
+
+    make_model(Backbone.from_pretrained(backbone_dir, device="cpu")).save_pretrained(path)
+    return path
+
+
+def write_clips(directory, n: int, seed: int) -> list[str]:
+    """n random reference clips as mp4 files ref0.mp4 ... in directory."""
+    from video2lora.video_io import write_video
+
+    paths = []
+    for i, clip in enumerate(random_clips(n, seed=seed)):
+        paths.append(os.path.join(str(directory), f"ref{i}.mp4"))
+        write_video(paths[-1], clip)
+    return paths

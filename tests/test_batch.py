@@ -1,23 +1,16 @@
 """The batch job on Ray Data, end to end on the tiny models (one local Ray instance for the module)."""
 
-import dataclasses
 import io
 import os
-import shutil
-import subprocess
-import sys
-import time
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import random_clips
+from conftest import save_model_for, write_clips
 
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job
 from pipelines.manifest import ManifestError, read_manifest
 from video2lora.config import BatchJobConfig, GenerationConfig
-from video2lora.video_io import decode_video, encode_video, read_video, write_video
+from video2lora.video_io import decode_video, encode_video, read_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = dict(num_frames=9, height=32, width=32, steps=2, guidance_scale=6.0)
@@ -37,22 +30,13 @@ def ray_local(s3_server):
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_backbone_dir, tmp_path_factory):
-    from conftest import make_model
-
-    from video2lora.backbones import Backbone
-
-    path = str(tmp_path_factory.mktemp("ckpt"))
-    make_model(Backbone.from_pretrained(tiny_backbone_dir, device="cpu")).save_pretrained(path)
-    return path
+    return save_model_for(tiny_backbone_dir, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
-    paths = []
-    for i, clip in enumerate(random_clips(3, seed=11)):
-        paths.append(str(d / f"ref{i}.mp4"))
-        write_video(paths[-1], clip)
+    paths = write_clips(d, 3, seed=11)
     (d / "corrupt.mp4").write_bytes(b"this is not a video" * 50)
     return d, paths
 

@@ -27,35 +27,54 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, text_len: int = 16):
-    """A CogVideoX pipeline with the real architecture at toy size: VAE 4x spatial / 4x temporal,
-    patch 2, so a 32x32 9-frame clip is 3 latent frames of 8x8 and 48 tokens."""
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXImageToVideoPipeline,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
+def tiny_t5(tokenizer, d_model: int, d_kv: int, d_ff: int, num_heads: int):
+    """A 2-layer T5 encoder over the offline tokenizer (CogVideoX's text encoder, at toy size)."""
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+    return T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=2, num_heads=num_heads,
                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     )
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(16, 32, 32),
+
+
+def tiny_cogvideox_vae(block_out_channels: tuple, latent_channels: int, temporal_compression: int, **extra):
+    """The CogVideoX VAE at toy size: 4x spatial compression (3 blocks), 32x32 samples."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX(
+        block_out_channels=block_out_channels,
         down_block_types=("CogVideoXDownBlock3D",) * 3,
         up_block_types=("CogVideoXUpBlock3D",) * 3,
         latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=4,
-        temporal_compression_ratio=4,
+        temporal_compression_ratio=temporal_compression,
         sample_height=32,
         sample_width=32,
+        **extra,
     )
+
+
+def cogvideox_scheduler():
+    """The released CogVideoX checkpoints' sampler: DDIM, v-prediction, zero-terminal SNR, trailing spacing."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        timestep_spacing="trailing", snr_shift_scale=1.0,
+    )
+
+
+def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, text_len: int = 16):
+    """A CogVideoX pipeline with the real architecture at toy size: VAE 4x spatial / 4x temporal,
+    patch 2, so a 32x32 9-frame clip is 3 latent frames of 8x8 and 48 tokens."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = tiny_t5(tokenizer, d_model=32, d_kv=16, d_ff=64, num_heads=2)
+    vae = tiny_cogvideox_vae((16, 32, 32), latent_channels, temporal_compression=4)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
@@ -73,11 +92,7 @@ def tiny_cogvideox(i2v: bool = False, seed: int = 0, latent_channels: int = 4, t
         use_rotary_positional_embeddings=True,
         use_learned_positional_embeddings=i2v,
     )
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-        timestep_spacing="trailing", snr_shift_scale=1.0,
-    )
+    scheduler = cogvideox_scheduler()
     cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
@@ -91,27 +106,13 @@ def effects_cogvideox(seed: int = 0, latent_channels: int = 8, temporal_compress
     width 128 (about 3 M parameters). Text: a tiny T5 over the offline tokenizer (every caption word is a
     token). Random weights encode nothing: `video2lora.pretrain` trains the VAE, then the DiT (and text
     encoder) before the backbone is frozen; see docs/EFFECTS.md."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(16, 32, 32),
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3,
-        latent_channels=latent_channels,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=temporal_compression,
-        sample_height=32,
-        sample_width=32,
-        scaling_factor=1.0,  # set from the trained encoder's latent statistics by video2lora.pretrain
-    )
+    text_encoder = tiny_t5(tokenizer, d_model=64, d_kv=16, d_ff=128, num_heads=4)
+    # scaling_factor is set from the trained encoder's latent statistics by video2lora.pretrain
+    vae = tiny_cogvideox_vae((16, 32, 32), latent_channels, temporal_compression, scaling_factor=1.0)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=4,
         attention_head_dim=32,
@@ -128,11 +129,7 @@ def effects_cogvideox(seed: int = 0, latent_channels: int = 8, temporal_compress
         max_text_seq_length=16,
         use_rotary_positional_embeddings=True,
     )
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-        timestep_spacing="trailing", snr_shift_scale=1.0,
-    )
+    scheduler = cogvideox_scheduler()
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
 

@@ -213,8 +213,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- the loss step
+def stack_examples(examples: list[dict[str, torch.Tensor]]) -> dict:
+    """Prepared examples -> one batch dict (latents, prompt_embeds, image_latents for I2V)."""
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 def collate(examples: list[dict[str, torch.Tensor]], references: list[dict[str, torch.Tensor]]) -> dict:
-    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    batch = stack_examples(examples)
     batch["ref_latents"] = torch.stack([r["latents"] for r in references])
     return batch
 
@@ -234,16 +239,20 @@ def training_step(model, backbone, batch: dict, generator: torch.Generator) -> t
     `batch`: latents (B, C, f, h, w), prompt_embeds (B, T, D), ref_latents (B, C, f', h', w'), optional
     image_latents (B, f, C, h, w). The backbone's LightLoRA layers must be injected (`prepare_backbone`).
     """
+    loras = model.materialize(*model.predict(batch["ref_latents"].to(backbone.device)))
+    return batch_loss(model, backbone, batch, generator, loras)
+
+
+def batch_loss(model, backbone, batch: dict, generator: torch.Generator, loras=None) -> torch.Tensor:
+    """Mean diffusion loss of a batch with one LoRA per row (`model.materialize` output), or bare with None."""
     device = backbone.device
-    loras = model.materialize(*model.predict(batch["ref_latents"].to(device)))
-    strengths = torch.ones(len(batch["latents"]), device=device)
     image = batch.get("image_latents")
+    args = (batch["latents"].to(device), batch["prompt_embeds"].to(device), None if image is None else image.to(device))
+    if loras is None:
+        return backbone.training_loss(*args, generator=generator).mean()
+    strengths = torch.ones(len(batch["latents"]), device=device)
     with per_sample_loras(backbone.transformer, model.layer_names, loras, strengths):
-        loss = backbone.training_loss(
-            batch["latents"].to(device), batch["prompt_embeds"].to(device),
-            None if image is None else image.to(device), generator=generator,
-        )
-    return loss.mean()
+        return backbone.training_loss(*args, generator=generator).mean()
 
 
 def prepare_backbone(backbone, model) -> None:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lightlora import per_sample_loras
-from .training import PreparedData, prepare_backbone, prompt_dropout, step_seed
+from .training import PreparedData, batch_loss, prepare_backbone, prompt_dropout, stack_examples, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +40,6 @@ class LoRATable:
         return torch.tensor([self.groups.index(g) for g in labels])
 
 
-def _image_latents(examples: list[dict], device) -> torch.Tensor | None:
-    """First-frame latents of image-to-video backbones (None for text-to-video)."""
-    if "image_latents" not in examples[0]:
-        return None
-    return torch.stack([e["image_latents"] for e in examples]).to(device)
-
-
 def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
     return [i for i, g in enumerate(data.effects) if g in groups]
 
@@ -59,7 +51,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     A_pred starts at unit norm and B_pred at zero, like an ordinary LoRA (A random, B zero), so the LoRA is zero
     at the start and every group's B gets a gradient from the first step."""
     groups = sorted(set(data.effects))
-    rows = _rows_by_group(data, groups)
+    rows = list(range(len(data.effects)))
     prepare_backbone(backbone, model)
     device = backbone.device
     model.to(device).train()
@@ -73,15 +65,11 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     history, start, recent = [], time.perf_counter(), []
     for step in range(1, steps + 1):
         pick = [rows[int(i)] for i in torch.randint(0, len(rows), (batch_size,), generator=g)]
-        examples = [data.example(i) for i in pick]
-        latents = torch.stack([e["latents"] for e in examples]).to(device)
-        prompts = torch.stack([e["prompt_embeds"] for e in examples])
+        batch = stack_examples([data.example(i) for i in pick])
         gen = torch.Generator().manual_seed(step_seed(seed, step, 0))
-        prompts, _ = prompt_dropout(prompts, data.empty_prompt, 0.1, gen)
+        batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, 0.1, gen)
         idx = torch.tensor([groups.index(data.effects[i]) for i in pick], device=device)
-        loras = model.materialize(a_tab[idx], b_tab[idx])
-        with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(pick), device=device)):
-            loss = backbone.training_loss(latents, prompts.to(device), _image_latents(examples, device), generator=gen).mean()
+        loss = batch_loss(model, backbone, batch, gen, model.materialize(a_tab[idx], b_tab[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -119,7 +107,8 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     accuracy), so a hypernetwork that memorises clips instead of reading effects shows it."""
     rows = _rows_by_group(data, table.groups)
     val = rows[:: max(1, round(1 / val_fraction))] if val_fraction > 0 else []
-    fit = [i for i in rows if i not in set(val)]
+    held_out = set(val)
+    fit = [i for i in rows if i not in held_out]
     latents = torch.stack([data.example(i)["latents"] for i in rows]).float()
     position = {r: k for k, r in enumerate(rows)}
     labels = table.index([data.effects[i] for i in rows])
@@ -131,13 +120,14 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     g = torch.Generator().manual_seed(seed)
     history, start = [], time.perf_counter()
 
+    fit_idx = torch.tensor([position[i] for i in fit])
+    val_idx = torch.tensor([position[i] for i in val], dtype=torch.long)
+
     def report(step: int, loss: float | None) -> None:
         model.eval()
-        fit_idx = torch.tensor([position[i] for i in fit])
         row = {"step": step, "loss": loss, "time_s": time.perf_counter() - start,
                "fit": regression_error(model, latents[fit_idx].to(device), labels[fit_idx], table)}
         if val:
-            val_idx = torch.tensor([position[i] for i in val])
             row["val"] = regression_error(model, latents[val_idx].to(device), labels[val_idx], table)
         model.train()
         history.append(row)
@@ -146,7 +136,7 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
 
     report(0, None)  # where it starts, so the report shows what the regression gained
     for step in range(1, steps + 1):
-        pick = torch.tensor([position[fit[int(i)]] for i in torch.randint(0, len(fit), (batch_size,), generator=g)])
+        pick = fit_idx[torch.randint(0, len(fit), (batch_size,), generator=g)]
         a, b = model.predict(latents[pick].to(device))
         lab = labels[pick].to(device)
         loss = (((a - a_t[lab]) ** 2).mean() / sa**2 + ((b - b_t[lab]) ** 2).mean() / sb**2) / 2
@@ -184,20 +174,11 @@ def effect_losses(model, backbone, data: PreparedData, weights_of, seed: int = 1
     totals = {"none": 0.0, "own_effect": 0.0, "other_effect": 0.0}
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        examples = [data.example(t) for t in chunk]
-        latents = torch.stack([e["latents"] for e in examples]).to(device)
-        prompts = torch.stack([e["prompt_embeds"] for e in examples]).to(device)
-        image = _image_latents(examples, device)
+        batch = {k: v.to(device) for k, v in stack_examples([data.example(t) for t in chunk]).items()}  # once, not 3x
         for name, refs in (("none", None), ("own_effect", own[i : i + batch_size]), ("other_effect", other[i : i + batch_size])):
             gen = torch.Generator().manual_seed(step_seed(seed, i, 0))  # same timesteps and noise for all three
-            if refs is None:
-                loss = backbone.training_loss(latents, prompts, image, generator=gen).mean()
-            else:
-                a, b = weights_of(refs)
-                loras = model.materialize(a.to(device), b.to(device))
-                with per_sample_loras(backbone.transformer, model.layer_names, loras, torch.ones(len(chunk), device=device)):
-                    loss = backbone.training_loss(latents, prompts, image, generator=gen).mean()
-            totals[name] += float(loss) * len(chunk)
+            loras = None if refs is None else model.materialize(*(w.to(device) for w in weights_of(refs)))
+            totals[name] += float(batch_loss(model, backbone, batch, gen, loras)) * len(chunk)
     return {k: v / len(rows) for k, v in totals.items()}
 
 

@@ -5,7 +5,7 @@ import shutil
 import tempfile
 
 import pytest
-from conftest import _clear_fsspec_s3_cache, make_model, random_clips
+from conftest import patched_env, save_model_for, write_clips
 
 from faults.helpers import ACCESS_KEY, BUCKET, SECRET_KEY, FaultProxy
 
@@ -19,20 +19,12 @@ def s3_proxy(s3_server):
 
     proxy = FaultProxy(s3_server).start()
     env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _clear_fsspec_s3_cache()
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
     try:
-        yield proxy
+        with patched_env(env):
+            boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+            yield proxy
     finally:
         proxy.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_fsspec_s3_cache()
 
 
 @pytest.fixture(autouse=True)
@@ -68,22 +60,11 @@ def ray_cluster(s3_proxy):
 
 @pytest.fixture(scope="package")
 def checkpoint(tiny_backbone_dir, tmp_path_factory):
-    from video2lora.backbones import Backbone
-
-    path = str(tmp_path_factory.mktemp("fault-ckpt"))
-    make_model(Backbone.from_pretrained(tiny_backbone_dir, device="cpu")).save_pretrained(path)
-    return path
+    return save_model_for(tiny_backbone_dir, str(tmp_path_factory.mktemp("fault-ckpt")))
 
 
 @pytest.fixture(scope="package")
 def clips(tmp_path_factory):
     """Three small reference clips (local paths)."""
-    from video2lora.video_io import write_video
-
-    d = tmp_path_factory.mktemp("fault-clips")
-    paths = []
-    for i, clip in enumerate(random_clips(3, seed=21)):
-        paths.append(str(d / f"ref{i}.mp4"))
-        write_video(paths[-1], clip)
-    return paths
+    return write_clips(tmp_path_factory.mktemp("fault-clips"), 3, seed=21)
 
