@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import save
 
-    from pipelines.train import model_config
+    from pipelines.train import model_config, parse_model_overrides
     from video2lora import storage
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for
@@ -63,6 +63,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
+    try:
+        overrides = parse_model_overrides(a.model_config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     prepared = a.prepared
     if not storage.exists(storage.join(prepared, PREPARED_NAME)):
         if not a.manifest:
@@ -90,7 +95,6 @@ def main(argv=None) -> int:
               "start needs clips of at least 2 effects (the `effect` column of the training manifest)", file=sys.stderr)
         return 2
     backbone = Backbone.from_pretrained(a.backbone, device=a.device, dtype=torch.float32)
-    overrides = json.loads(a.model_config) if a.model_config else {}
     model = new_model_for(backbone, model_config(overrides), seed=a.seed)
     print(f"warm start: {len(data.index)} clips of {len(groups)} effects; hypernetwork "
           f"{model.num_parameters()['hypernetwork']:,} params", flush=True)

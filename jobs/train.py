@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_job(a: argparse.Namespace):
     from pipelines import defaults
     from pipelines.prepare import demo_training_manifest
-    from pipelines.train import TrainJobConfig
+    from pipelines.train import TrainJobConfig, parse_model_overrides
 
+    overrides = parse_model_overrides(a.model_config)  # first: a typo fails before anything is rendered or loaded
     demo = not a.manifest
     manifest = a.manifest or demo_training_manifest(seed=a.seed)
     backbone = a.backbone or defaults.tiny_backbone()
@@ -85,7 +86,7 @@ def build_job(a: argparse.Namespace):
         backbone=backbone, storage_path=a.storage_path, name=a.name, output=a.output, num_workers=a.num_workers,
         use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker or (1.0 if a.use_gpu else 0.5), data_cpus=a.data_cpus,
         train=t, split=a.split, max_failures=a.max_failures, log_every=a.log_every,
-        model_overrides=json.loads(a.model_config) if a.model_config else {}, fail_once_at_step=a.fail_once_at_step,
+        model_overrides=overrides, fail_once_at_step=a.fail_once_at_step,
         init_checkpoint=a.init_checkpoint,
     )
     return job, manifest
@@ -99,7 +100,11 @@ def main(argv=None) -> int:
     from pipelines.train import run_training
     from video2lora import storage
 
-    job, manifest = build_job(a)
+    try:
+        job, manifest = build_job(a)
+    except ValueError as e:  # e.g. a --model-config typo: named here, not a traceback in every worker
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if job.init_checkpoint:  # refuse a bad warm start before any Ray work (safetensors only, never unpickled)
         from video2lora.hypernet import Video2LoRAModel
 

@@ -521,7 +521,24 @@ def model_config(overrides: dict | None = None):
     """The paper's Video2LoRAConfig with overrides ({"lora": {...}, "hyper": {...}}); layers come from the backbone."""
     from video2lora.config import Video2LoRAConfig
 
-    return Video2LoRAConfig.from_dict(_merge(Video2LoRAConfig().to_dict(), overrides or {}))
+    try:
+        return Video2LoRAConfig.from_dict(_merge(Video2LoRAConfig().to_dict(), overrides or {}))
+    except TypeError as e:  # an unknown field: the dataclass names it
+        raise ValueError(f"model config overrides {json.dumps(overrides)}: {e}") from None
+
+
+def parse_model_overrides(text: str) -> dict:
+    """--model-config JSON -> overrides, checked against the config dataclasses before any work starts."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-config is not JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError('--model-config must be a JSON object such as {"hyper": {"width": 96}}')
+    model_config(overrides)
+    return overrides
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -283,6 +283,10 @@ def test_cli_defaults_and_flags():
                               "--batch-size", "2", "--checkpoint-every", "10", "--keep-checkpoints", "2", "--lr", "1e-4"])
     assert (a.num_workers, a.use_gpu, a.max_steps, a.batch_size, a.checkpoint_every, a.keep_checkpoints, a.lr) == (
         8, True, 100, 2, 10, 2, 1e-4)
+    # a --model-config typo or non-JSON stops the job on the driver with the field named (exit 2)
+    for bad, words in (('{"hyper": {"widht": 96}}', "widht"), ("{hyper: 96}", "not JSON"), ("[1]", "JSON object")):
+        with pytest.raises(ValueError, match=words):
+            train_cli.build_job(train_cli.parse_args(["--model-config", bad]))
 
 
 # --------------------------------------------------------------------------------------------- warm start
@@ -313,6 +317,9 @@ def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manif
     assert json.loads(open(os.path.join(again, "warmstart.json")).read())["args"]["prepared"] == prepared[0].uri
     assert pretrain_hypernet.main(["--prepared", str(tmp_path / "nothing"), "--backbone", tiny_backbone_dir,
                                    "--output", str(tmp_path / "x")]) == 2  # no preparation, no manifest: refused
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output",
+                                   str(tmp_path / "x"), "--model-config", '{"hyper": {"widht": 3}}']) == 2  # typo
+    assert not os.path.exists(tmp_path / "x")
     report = json.loads(open(os.path.join(out, "warmstart.json")).read())
     assert report["groups"] == sorted(EFFECTS)
     table = report["effect_losses"]["table"]
