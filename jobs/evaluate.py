@@ -98,7 +98,7 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
             name = f"{effect}__{i}"
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
-            rows.append({"name": name, "effect": effect, "split": "seen" if effect in fx.TRAIN_EFFECTS else "held-out",
+            rows.append({"name": name, "effect": effect, "split": "seen" if fx.effect_split(effect) == "train" else "held-out",
                          "reference_uri": uri, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
                          "shape": content["shape"], "colour": content["colour"], "background": content["background"],
                          "seed": seed * 1000 + i})
@@ -168,6 +168,7 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
 # --------------------------------------------------------------------------------------------- scoring
 def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict]:
     from video2lora import effect_classifier as ec
+    from video2lora.effects import effect_factors
     from video2lora.video_io import read_video
 
     judge = ec.load(classifier_uri)
@@ -184,13 +185,19 @@ def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict
             results.append({**r, "method": method, "video": p, "pred_effect": pred["effect"][k],
                             "pred_shape": pred["shape"][k], "pred_colour": pred["colour"][k],
                             "pred_background": pred["background"][k], "effect_ok": pred["effect"][k] == r["effect"],
+                            # compounds: did the motion / the look come across, each on its own
+                            "motion_ok": effect_factors(pred["effect"][k])[0] == effect_factors(r["effect"])[0],
+                            "look_ok": effect_factors(pred["effect"][k])[1] == effect_factors(r["effect"])[1],
                             "content": float(np.mean(content))})
     return results
 
 
 def table(results: list[dict]) -> tuple[str, dict]:
     cells = {}
-    lines = ["| method | split | rows | effect accuracy | content fidelity |", "|---|---|---|---|---|"]
+    compound = any("+" in r["effect"] for r in results)  # then also: motion and look, each on its own
+    extra = " motion accuracy | look accuracy |" if compound else ""
+    lines = ["| method | split | rows | effect accuracy |" + extra + " content fidelity |",
+             "|---|---|---|---|" + ("---|---|" if compound else "") + "---|"]
     for method in METHODS:
         for split in ("seen", "held-out"):
             sel = [r for r in results if r["method"] == method and r["split"] == split]
@@ -198,8 +205,14 @@ def table(results: list[dict]) -> tuple[str, dict]:
                 continue
             acc = float(np.mean([r["effect_ok"] for r in sel]))
             content = float(np.mean([r["content"] for r in sel]))
-            cells[f"{method}/{split}"] = {"rows": len(sel), "effect_accuracy": acc, "content_fidelity": content}
-            lines.append(f"| {method} | {split} | {len(sel)} | {acc:.2f} | {content:.2f} |")
+            cell = {"rows": len(sel), "effect_accuracy": acc, "content_fidelity": content}
+            row = f"| {method} | {split} | {len(sel)} | {acc:.2f} |"
+            if compound:
+                cell["motion_accuracy"] = float(np.mean([r["motion_ok"] for r in sel]))
+                cell["look_accuracy"] = float(np.mean([r["look_ok"] for r in sel]))
+                row += f" {cell['motion_accuracy']:.2f} | {cell['look_accuracy']:.2f} |"
+            cells[f"{method}/{split}"] = cell
+            lines.append(row + f" {content:.2f} |")
     per_effect = {}
     for r in results:
         per_effect.setdefault(r["effect"], {}).setdefault(r["method"], []).append(r["effect_ok"])
@@ -261,7 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7, help="draws fresh references and prompts")
     p.add_argument("--output", default="outputs/evaluate")
     p.add_argument("--refs-per-effect", type=int, default=4)
-    p.add_argument("--effects", default="all", help="all | train | heldout | comma-separated effects")
+    p.add_argument("--effects", default="all",
+                   help="all | train | heldout | combo | combo-train | combo-heldout | comma-separated effects")
     p.add_argument("--quick", action="store_true", help=f"CI: effects {','.join(QUICK_EFFECTS)}, one reference each")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     p.add_argument("--guidance-scale", type=float, default=None)

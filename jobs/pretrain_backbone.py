@@ -28,6 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/effects/backbone", help="output diffusers pipeline directory")
     p.add_argument("--preset", default="effects-cogvideox", help="video2lora.tiny preset to start from")
+    p.add_argument("--init", default=None,
+                   help="continue from this pretrained backbone (path or URL) instead of random weights; with "
+                        "--vae-steps 0 its VAE and scaling factor are kept")
+    p.add_argument("--effects", default=None,
+                   help="labels to render (video2lora.effects.resolve_effects): default the single effects and "
+                        "the static class; 'combo-world' adds the motion+look compounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips-per-label", type=int, default=200, help="rendered clips per effect (and the static class)")
     p.add_argument("--eval-clips-per-label", type=int, default=8, help="fresh clips per label for PSNR / eval loss")
@@ -63,11 +69,20 @@ def main(argv=None) -> int:
         print(f"{a.out} already holds a pretrained backbone ({REPORT_NAME}); --force to redo")
         return 0
     start = time.perf_counter()
+    pipe, labels = None, None
+    if a.effects:
+        from video2lora.effects import resolve_effects
+
+        labels = resolve_effects(a.effects)
+    if a.init:
+        from video2lora.backbones import Backbone
+
+        pipe = Backbone.from_pretrained(a.init, device="cpu", dtype=torch.float32).pipe
     pipe, report = pretrain(
         a.preset, seed=a.seed, clips_per_label=a.clips_per_label, vae_steps=a.vae_steps, vae_batch=a.vae_batch,
         vae_lr=a.vae_lr, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, device=a.device, eval_clips_per_label=a.eval_clips_per_label,
         log_every=a.log_every, vae_time_budget_s=a.vae_minutes * 60 if a.vae_minutes else None,
-        dit_time_budget_s=a.dit_minutes * 60 if a.dit_minutes else None,
+        dit_time_budget_s=a.dit_minutes * 60 if a.dit_minutes else None, pipe=pipe, labels=labels,
     )
     gen = dict(GENERATION, steps=a.steps, guidance_scale=a.guidance_scale)
     save_backbone(pipe, a.out, gen)

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="manifest split to fit on")
     p.add_argument("--model-config", default="", help='JSON overrides, e.g. \'{"hyper": {"width": 96}}\'')
     p.add_argument("--table-steps", type=int, default=800, help="steps of the per-effect LoRA fit")
+    p.add_argument("--factorise", action="store_true",
+                   help="compound effects ('motion+look'): fit one LoRA per motion and per look, an effect's LoRA "
+                        "being its two side by side (needs an even LoRA rank)")
     p.add_argument("--table-lr", type=float, default=2e-3)
     p.add_argument("--table-batch-size", type=int, default=8)
     p.add_argument("--regress-steps", type=int, default=1500, help="steps of the hypernetwork regression")
@@ -98,8 +101,24 @@ def main(argv=None) -> int:
     model = new_model_for(backbone, model_config(overrides), seed=a.seed)
     print(f"warm start: {len(data.index)} clips of {len(groups)} effects; hypernetwork "
           f"{model.num_parameters()['hypernetwork']:,} params", flush=True)
-    table, table_history = fit_lora_tables(model, backbone, data, steps=a.table_steps, batch_size=a.table_batch_size,
-                                           lr=a.table_lr, seed=a.seed)
+    parts_of = None
+    if a.factorise:
+        from video2lora.effects import effect_factors
+
+        parts_of = effect_factors
+        try:
+            for grp in groups:
+                parts_of(grp)
+        except ValueError as e:
+            print(f"error: --factorise: {e}", file=sys.stderr)
+            return 2
+    try:
+        table, table_history = fit_lora_tables(model, backbone, data, steps=a.table_steps,
+                                               batch_size=a.table_batch_size, lr=a.table_lr, seed=a.seed,
+                                               parts_of=parts_of)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     regress_history = regress_hypernet(model, data, table, steps=a.regress_steps, batch_size=a.regress_batch_size,
                                        lr=a.regress_lr, seed=a.seed, device=a.device)
     model.save_pretrained(a.output)
@@ -111,12 +130,18 @@ def main(argv=None) -> int:
         if len(set(other.effects)) > 1:
             losses[f"hypernet_{split}"] = effect_losses(model, backbone, other, hypernet_weights(other, model),
                                                         max_rows=a.eval_rows)
+            if table.units is not None:  # LoRAs composed from parts fitted on other partners: the target it has
+                losses[f"table_{split}"] = effect_losses(model, backbone, other, table_weights(other, table),
+                                                         max_rows=a.eval_rows)
     for name, l in losses.items():
         print(f"diffusion loss, {name}: no LoRA {l['none']:.4f}, own-effect reference {l['own_effect']:.4f}, "
               f"other-effect reference {l['other_effect']:.4f}", flush=True)
     tensors = {"a_pred": table.a_pred.contiguous(), "b_pred": table.b_pred.contiguous()}
-    storage.write_bytes_atomic(storage.join(a.output, "lora_tables.safetensors"),
-                               save(tensors, metadata={"groups": json.dumps(table.groups)}))
+    meta = {"groups": json.dumps(table.groups)}
+    if table.units is not None:
+        tensors.update(a_units=table.a_units.contiguous(), b_units=table.b_units.contiguous())
+        meta["units"] = json.dumps(table.units)
+    storage.write_bytes_atomic(storage.join(a.output, "lora_tables.safetensors"), save(tensors, metadata=meta))
     report = {"groups": table.groups, "clips": len(data.index), "table": table_history, "effect_losses": losses,
               "regression": regress_history, "wall_s": time.perf_counter() - start, "args": vars(a)}
     storage.write_bytes_atomic(storage.join(a.output, "warmstart.json"), json.dumps(report, indent=2).encode())

@@ -3,6 +3,12 @@
     python jobs/recipe.py --out outputs/effects                 # about an hour on 2 CPU cores
     python jobs/recipe.py --out outputs/effects --ship          # ... and copy the result into video2lora/assets
     python jobs/recipe.py --out /tmp/fx --pretrain-device cuda  # the backbone pretraining on a GPU
+    python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
+
+`--world combo`: the effects are compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on
+35 of the 42 and is tested on 7 it never saw, each made of a motion and a look it saw with other partners
+(video2lora.effects.COMBO_HELDOUT). The backbone continues from the single-effect one (`--init-backbone`, default
+the shipped one; VAE kept) on every single effect and compound; the judge learns all 57 labels.
 
 Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 
@@ -51,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/effects")
     p.add_argument("--only", default="", help=f"comma-separated stages of {','.join(STAGES)}")
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
+    p.add_argument("--world", choices=("single", "combo"), default="single",
+                   help="single effects (14, 4 held out) or motion+look compounds (42, 7 held out)")
+    p.add_argument("--init-backbone", default=os.path.join(ROOT, "video2lora", "assets", "checkpoint", "backbone"),
+                   help="--world combo: the single-effect backbone to continue from (its VAE is kept)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
+    p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
     p.add_argument("--pretrain-device", default="cpu")
     p.add_argument("--vae-minutes", type=float, default=8.0)
@@ -77,23 +88,33 @@ def run(cmd: list[str], env=None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def stage_data(a, paths) -> None:
+def world_labels(a) -> tuple[str, str]:
+    """(the hypernetwork's effects, every label of the world) as video2lora.effects set names / lists."""
     from video2lora.effects import ALL_LABELS
 
+    return ("combo", "combo-world") if a.world == "combo" else ("all", ",".join(ALL_LABELS))
+
+
+def stage_data(a, paths) -> None:
     py = sys.executable
+    effects, labels = world_labels(a)
     run([py, "jobs/make_effects.py", "--out", paths["data"], "--seed", "0", "--clips-per-effect",
-         str(a.clips_per_effect), "--effects", "all"])
-    run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect", "60",
-         "--effects", ",".join(ALL_LABELS)])
-    run([py, "jobs/make_effects.py", "--out", paths["judge_test"], "--seed", "2", "--clips-per-effect", "20",
-         "--effects", ",".join(ALL_LABELS)])
+         str(a.clips_per_effect), "--effects", effects])
+    run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect",
+         str(a.judge_clips), "--effects", labels])
+    run([py, "jobs/make_effects.py", "--out", paths["judge_test"], "--seed", "2", "--clips-per-effect",
+         str(max(1, a.judge_clips // 3)), "--effects", labels])
 
 
 def stage_pretrain(a, paths) -> None:
-    run([sys.executable, "jobs/pretrain_backbone.py", "--out", paths["backbone"], "--device", a.pretrain_device,
-         "--clips-per-label", str(a.pretrain_clips_per_label), "--vae-steps", "100000", "--vae-minutes",
-         str(a.vae_minutes), "--vae-batch", str(a.vae_batch), "--dit-steps", "100000", "--dit-minutes",
-         str(a.dit_minutes), "--dit-batch", str(a.dit_batch), "--threads", str(a.threads), "--force"])
+    cmd = [sys.executable, "jobs/pretrain_backbone.py", "--out", paths["backbone"], "--device", a.pretrain_device,
+           "--clips-per-label", str(a.pretrain_clips_per_label), "--dit-steps", "100000", "--dit-minutes",
+           str(a.dit_minutes), "--dit-batch", str(a.dit_batch), "--threads", str(a.threads), "--force"]
+    if a.world == "combo":  # continue from the single-effect backbone, same VAE, on every label of the world
+        cmd += ["--init", a.init_backbone, "--effects", "combo-world", "--vae-steps", "0", "--dit-lr", "3e-4"]
+    else:
+        cmd += ["--vae-steps", "100000", "--vae-minutes", str(a.vae_minutes), "--vae-batch", str(a.vae_batch)]
+    run(cmd)
 
 
 def stage_judge(a, paths) -> None:
@@ -173,7 +194,8 @@ def stage_baselines(a, paths) -> None:
 def stage_evaluate(a, paths) -> None:
     run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
          "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.eval_seed),
-         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads)])
+         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads),
+         "--effects", world_labels(a)[0]])
 
 
 DONE = {

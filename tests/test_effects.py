@@ -197,3 +197,29 @@ def test_write_effects_dataset(tmp_path):
     m2 = pd.read_parquet(os.path.join(out2, "clips.parquet"))
     assert sorted(m2.effect) == sorted(fx.HELDOUT_EFFECTS) and set(m2.split) == {"heldout"}
     assert all(os.path.isabs(u) and os.path.exists(u) for u in m2.video_uri)
+
+
+def test_compound_effects_are_their_motion_and_look():
+    """'motion+look': the motion's geometry with the look's frame operation; held-out compounds are new
+    pairings of parts that all appear in training compounds."""
+    assert len(fx.COMBOS) == len(fx.MOTIONS) * len(fx.LOOKS) and len(fx.COMBO_HELDOUT) >= 4
+    assert not set(fx.COMBO_TRAIN) & set(fx.COMBO_HELDOUT)
+    assert fx.resolve_effects("combo-heldout") == list(fx.COMBO_HELDOUT)
+    for c in fx.COMBO_HELDOUT:
+        motion, look = fx.effect_factors(c)
+        assert any(t.startswith(motion + "+") for t in fx.COMBO_TRAIN)
+        assert any(t.endswith("+" + look) for t in fx.COMBO_TRAIN)
+        assert fx.effect_split(c) == "heldout"
+    assert fx.effect_factors("invert") == ("none", "invert") and fx.effect_factors("burst") == ("burst", "none")
+    scene = fx.sample_scene(np.random.default_rng(4))
+    slide = fx.render_clip(scene, "slide_left")
+    both = fx.render_clip(scene, "slide_left+invert")
+    half = both.shape[1] // 2
+    np.testing.assert_allclose(both[:, :half], slide[:, :half], atol=1e-6)  # before the inversion: the slide
+    np.testing.assert_allclose(both[:, half:], -slide[:, half:], atol=1e-6)  # after: the slide, inverted
+    assert np.abs(fx.render_clip(scene, "spin+fade_out") - fx.render_clip(scene, "spin")).mean() > 0.05
+    for bad in ("invert+spin", "spin+zoom_in", "spin+invert+fade_out", "wobble+invert"):
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            fx.render_clip(scene, bad)
+    with pytest.raises(ValueError, match="wobble"):
+        fx.resolve_effects("spin,wobble+invert")

@@ -44,6 +44,14 @@ __all__ = [
     "make_dataset",
     "resolve_effects",
     "effect_split",
+    "effect_parts",
+    "effect_factors",
+    "MOTIONS",
+    "LOOKS",
+    "COMBOS",
+    "COMBO_TRAIN",
+    "COMBO_HELDOUT",
+    "COMBO_WORLD",
 ]
 
 # --------------------------------------------------------------------------- effects
@@ -73,6 +81,20 @@ EFFECTS: list[str] = list(TRAIN_EFFECTS + HELDOUT_EFFECTS)
 #: The static "no effect" class (pretraining / sanity only; not in ``EFFECTS``).
 NONE = "none"
 ALL_LABELS: list[str] = EFFECTS + [NONE]
+
+# Compound effects: a motion and a look at once, written "motion+look" ("spin+invert").  They test zero-shot
+# transfer to *new effects made of known parts*: the hypernetwork trains on COMBO_TRAIN and never sees a
+# COMBO_HELDOUT clip, although each held-out effect's motion and look appear in training with other partners.
+MOTIONS: tuple[str, ...] = ("spin", "zoom_in", "zoom_out", "slide_left", "slide_right", "shake", "melt_down")
+LOOKS: tuple[str, ...] = ("colour_cycle", "flicker", "fade_out", "pixelate", "blur_in", "invert")
+COMBOS: list[str] = [f"{m}+{k}" for m in MOTIONS for k in LOOKS]
+#: one held-out compound per motion; the looks are those a per-effect LoRA can make on the small backbone
+#: (colour_cycle and flicker it cannot: docs/EFFECTS.md), each held out at most twice
+COMBO_HELDOUT: tuple[str, ...] = ("spin+fade_out", "zoom_in+invert", "zoom_out+pixelate", "slide_left+blur_in",
+                                  "slide_right+invert", "shake+pixelate", "melt_down+fade_out")
+COMBO_TRAIN: tuple[str, ...] = tuple(c for c in COMBOS if c not in COMBO_HELDOUT)
+#: every label of the compound world: single effects, compounds and the static class (backbone and judge)
+COMBO_WORLD: list[str] = ALL_LABELS + COMBOS
 
 # --------------------------------------------------------------------------- content
 SHAPES: list[str] = ["circle", "square", "triangle", "ring", "cross", "star", "diamond"]
@@ -215,27 +237,54 @@ def _smooth_noise(rng: np.random.Generator, n: int, knots: int = 6) -> np.ndarra
 
 
 # --------------------------------------------------------------------------- rendering
+def effect_parts(effect: str) -> frozenset[str]:
+    """The single effects a label is made of: ``"spin+invert"`` -> {spin, invert}; ``"none"`` -> {}.
+
+    A compound is one motion of MOTIONS and one look of LOOKS."""
+    if effect in ALL_LABELS:
+        return frozenset() if effect == NONE else frozenset([effect])
+    parts = effect.split("+")
+    if len(parts) != 2 or parts[0] not in MOTIONS or parts[1] not in LOOKS:
+        raise ValueError(f"unknown effect {effect!r}; known: {ALL_LABELS} or 'motion+look' with motion in "
+                         f"{list(MOTIONS)} and look in {list(LOOKS)}")
+    return frozenset(parts)
+
+
+def effect_factors(effect: str) -> tuple[str, str]:
+    """(motion, look) of a label, "none" where it has none: "spin+invert" -> (spin, invert), "invert" -> (none,
+    invert), "burst" -> (burst, none)."""
+    parts = effect_parts(effect)
+    look = next((e for e in parts if e in LOOKS), NONE)
+    motion = next((e for e in parts if e != look), NONE)
+    return motion, look
+
+
+_NAMED_SETS = {
+    "all": EFFECTS, "train": TRAIN_EFFECTS, "heldout": HELDOUT_EFFECTS, "held_out": HELDOUT_EFFECTS,
+    "test": HELDOUT_EFFECTS, "combo": COMBOS, "combo-train": COMBO_TRAIN, "combo-heldout": COMBO_HELDOUT,
+    "combo-world": COMBO_WORLD,
+}
+
+
 def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
-    """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS,
-    or an explicit list (validated; may include ``"none"``)."""
-    if effects is None or effects == "all":
+    """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS, "combo",
+    "combo-train", "combo-heldout", "combo-world" -> the compound sets, or an explicit comma-separated
+    list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
+    if effects is None:
         return list(EFFECTS)
-    if effects == "train":
-        return list(TRAIN_EFFECTS)
-    if effects in ("heldout", "held_out", "test"):
-        return list(HELDOUT_EFFECTS)
+    if isinstance(effects, str) and effects in _NAMED_SETS:
+        return list(_NAMED_SETS[effects])
     if isinstance(effects, str):
         effects = [e.strip() for e in effects.split(",") if e.strip()]
     out = list(effects)
-    bad = [e for e in out if e not in ALL_LABELS]
-    if bad:
-        raise ValueError(f"unknown effects {bad}; known: {ALL_LABELS}")
+    for e in out:
+        effect_parts(e)  # raises naming the bad label
     return out
 
 
 def effect_split(effect: str) -> str:
-    """'heldout' for held-out effects, else 'train' (``none`` counts as train)."""
-    return "heldout" if effect in HELDOUT_EFFECTS else "train"
+    """'heldout' for held-out effects (single or compound), else 'train' (``none`` counts as train)."""
+    return "heldout" if effect in HELDOUT_EFFECTS or effect in COMBO_HELDOUT else "train"
 
 
 def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int = 32) -> np.ndarray:
@@ -245,8 +294,7 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     the plain scene for most effects; the effect's strength grows with time.
     """
     effect = NONE if effect is None else effect
-    if effect not in ALL_LABELS:
-        raise ValueError(f"unknown effect {effect!r}; known: {ALL_LABELS}")
+    parts = effect_parts(effect)
     F, H = int(num_frames), int(size)
     W = H
     if F < 2 or H < 8:
@@ -264,15 +312,15 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     M = np.tile(np.eye(2, dtype=np.float32), (F, 1, 1))
     pivot = np.zeros((F, 2), np.float32)
     shift = np.zeros((F, 2), np.float32)
-    if effect == "spin":
+    if "spin" in parts:
         th = p * 1.5 * np.pi  # 270 degrees, counter-clockwise on screen
         cs, sn = np.cos(th), np.sin(th)
         M = np.stack([np.stack([cs, -sn], -1), np.stack([sn, cs], -1)], -2).astype(np.float32)
-    elif effect in ("zoom_in", "zoom_out"):
-        mag = 1.0 + 1.2 * p if effect == "zoom_in" else 1.0 / (1.0 + 2.0 * p)
+    elif "zoom_in" in parts or "zoom_out" in parts:
+        mag = 1.0 + 1.2 * p if "zoom_in" in parts else 1.0 / (1.0 + 2.0 * p)
         M = M / mag[:, None, None]
         pivot[:] = c
-    elif effect == "shake":
+    elif "shake" in parts:
         amp = 0.25
         jx = rng.uniform(0.6, 1.0, F) * np.where(np.arange(F) % 2 == 0, 1.0, -1.0)  # alternating x
         jy = rng.uniform(-1.0, 1.0, F)
@@ -289,11 +337,11 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     obj_dx = np.zeros(F, np.float32)
     obj_scale = np.ones(F, np.float32)
     obj_alpha = np.ones(F, np.float32)
-    if effect == "slide_left":
+    if "slide_left" in parts:
         obj_dx = 0.55 - 1.1 * p
-    elif effect == "slide_right":
+    elif "slide_right" in parts:
         obj_dx = -0.55 + 1.1 * p
-    elif effect == "burst":
+    elif "burst" in parts:
         obj_scale = 1.0 + 0.7 * p
         obj_alpha = 1.0 - p
     ox = sx - (c[0] + obj_dx)[:, None, None]
@@ -305,7 +353,7 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     sdf = _sdf(scene.shape, qx, qy) * rad  # source units
     alpha = np.clip(0.5 - sdf / px[:, None, None], 0.0, 1.0) * obj_alpha[:, None, None]
 
-    if effect == "burst":  # particles radiating from the shape centre
+    if "burst" in parts:  # particles radiating from the shape centre
         k = 8
         phi = rng.uniform(0, 2 * np.pi) + np.arange(k) * (2 * np.pi / k)
         dist = scene.radius * (0.4 + 2.4 * p)  # (F,)
@@ -317,7 +365,7 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
         pa[0] = 0.0
         alpha = np.maximum(alpha, pa)
 
-    if effect == "melt_down":  # each column drips down by its own length
+    if "melt_down" in parts:  # each column drips down by its own length
         profile = 0.35 + 0.65 * _smooth_noise(rng, W) * rng.uniform(0.7, 1.0, W)
         drip = np.rint(p[:, None] * 0.55 * H * profile[None]).astype(np.int64)  # (F, W) px
         sag = np.rint(0.3 * drip).astype(np.int64)
@@ -332,7 +380,7 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     # ---- shape colour per frame
     base = np.asarray(COLOURS[scene.colour], np.float32)
     col = np.tile(base, (F, 1))
-    if effect == "colour_cycle":
+    if "colour_cycle" in parts:
         for i in range(1, F):
             col[i] = _hsv_shift(base, i / F)
 
@@ -342,17 +390,17 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     img = np.ascontiguousarray(img.transpose(0, 3, 1, 2))  # (F, 3, H, W)
 
     # ---- frame operations
-    if effect == "flicker":
+    if "flicker" in parts:
         img[1::2] *= 0.22
-    elif effect == "fade_out":
+    elif "fade_out" in parts:
         img *= (1.0 - p)[:, None, None, None]
-    elif effect == "invert":
+    elif "invert" in parts:
         img[F // 2 :] = 1.0 - img[F // 2 :]
-    elif effect == "pixelate":
+    elif "pixelate" in parts:
         bmax = max(2, H // 4)
         B = np.stack([_block_matrix(H, int(round(1 + pi * (bmax - 1)))) for pi in p])[:, None]
         img = B @ img @ B.transpose(0, 1, 3, 2)  # separable block average, (F, 3, H, W)
-    elif effect == "blur_in":
+    elif "blur_in" in parts:
         smax = H / 8.0
         G = np.stack([_gauss_matrix(H, float((1.0 - pi) * smax)) for pi in p])[:, None]
         img = G @ img @ G.transpose(0, 1, 3, 2)  # separable Gaussian blur

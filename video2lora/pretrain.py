@@ -286,9 +286,12 @@ def new_pipeline(preset: str, seed: int = 0):
 def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_label: int = 200, vae_steps: int = 2000,
              vae_batch: int = 16, vae_lr: float = 1e-3, dit_steps: int = 3000, dit_batch: int = 32, dit_lr: float = 5e-4,
              device="cpu", eval_clips_per_label: int = 8, log_every: int = 50, vae_time_budget_s=None,
-             dit_time_budget_s=None, pipe=None) -> tuple[object, dict]:
+             dit_time_budget_s=None, pipe=None, labels=None) -> tuple[object, dict]:
     """The whole pretraining: render clips, train the VAE, set its scaling, encode latents, train the DiT.
 
+    `labels`: the effects to render (default: the single effects and the static class). `pipe`: continue from
+    this pipeline instead of the preset's random weights; with `vae_steps=0` its VAE and scaling factor are
+    kept (a backbone extended to new effects keeps the latent space its DiT was trained in).
     Returns (pipeline on `device`, report dict with PSNR, losses and timings)."""
     from . import effects as fx
     from .backbones import CogVideoXBackbone
@@ -297,19 +300,25 @@ def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_labe
     pipe = pipe if pipe is not None else new_pipeline(preset, seed)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    logger.info("rendering %d clips per label (%d labels)", clips_per_label, len(fx.ALL_LABELS))
-    train = render_clips(seed, clips_per_label)
-    held = render_clips(seed + 10_000, eval_clips_per_label)
+    labels = list(labels or fx.ALL_LABELS)
+    logger.info("rendering %d clips per label (%d labels)", clips_per_label, len(labels))
+    train = render_clips(seed, clips_per_label, labels, progress=True)
+    held = render_clips(seed + 10_000, eval_clips_per_label, labels)
     report = {"preset": preset, "seed": seed, "train_clips": len(train), "eval_clips": len(held),
               "render_s": time.perf_counter() - t0}
 
     t = time.perf_counter()
     report["vae_psnr_before"] = vae_psnr(pipe.vae, held, device=device)
-    report["vae_history"] = train_vae(pipe.vae, train, vae_steps, vae_batch, vae_lr, seed=seed, device=device,
-                                      log_every=log_every, time_budget_s=vae_time_budget_s)
+    report["vae_history"] = []
+    if vae_steps > 0:
+        report["vae_history"] = train_vae(pipe.vae, train, vae_steps, vae_batch, vae_lr, seed=seed, device=device,
+                                          log_every=log_every, time_budget_s=vae_time_budget_s)
     psnr, per_effect = vae_psnr(pipe.vae, held, device=device, per_effect=True)
     report.update(vae_psnr=psnr, vae_psnr_per_effect=per_effect, vae_s=time.perf_counter() - t)
-    report["scaling_factor"] = set_scaling_factor(pipe, train, device=device)
+    if vae_steps > 0:
+        report["scaling_factor"] = set_scaling_factor(pipe, train, device=device)
+    else:
+        report["scaling_factor"] = float(pipe.vae.config.scaling_factor)
     logger.info("VAE: held-out reconstruction PSNR %.2f dB (before training %.2f dB); scaling_factor %.4f",
                 psnr, report["vae_psnr_before"], report["scaling_factor"])
 

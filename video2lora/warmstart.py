@@ -30,14 +30,39 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoRATable:
-    """One LightLoRA (A_pred (L, r, down), B_pred (L, up, r)) per group, for the model's aux matrices."""
+    """One LightLoRA (A_pred (L, r, down), B_pred (L, up, r)) per group, for the model's aux matrices.
+
+    A factorised table (`fit_lora_tables(parts_of=...)`) also keeps one rank-(r/k) LoRA per *part* (`units`), a
+    group's LoRA being its k parts' side by side (a sum of their weight updates); it can then make the LoRA of a
+    group it never fitted from parts it did (`weights`)."""
 
     groups: list[str]
     a_pred: torch.Tensor  # (G, L, r, down)
     b_pred: torch.Tensor  # (G, L, up, r)
+    units: list[str] | None = None
+    a_units: torch.Tensor | None = None  # (U, L, r/k, down)
+    b_units: torch.Tensor | None = None  # (U, L, up, r/k)
+    parts_of: object = None  # label -> its parts (in rank order)
 
     def index(self, labels: list[str]) -> torch.Tensor:
         return torch.tensor([self.groups.index(g) for g in labels])
+
+    def weights(self, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_pred, B_pred) of `labels`: fitted groups as fitted, others composed from their parts."""
+        if all(g in self.groups for g in labels):
+            idx = self.index(labels)
+            return self.a_pred[idx], self.b_pred[idx]
+        if self.units is None:
+            raise KeyError(f"no LoRA for {sorted(set(labels) - set(self.groups))}: not fitted, table not factorised")
+        return _compose(self.a_units, self.b_units, [[self.units.index(u) for u in self.parts_of(g)] for g in labels])
+
+
+def _compose(a_units: torch.Tensor, b_units: torch.Tensor, members: list[list[int]]):
+    """Per row, its parts' LoRAs side by side along the rank: A (B, L, k*r_u, down), B (B, L, up, k*r_u)."""
+    m = torch.tensor(members, device=a_units.device)  # (B, k)
+    a = torch.cat([a_units[m[:, j]] for j in range(m.shape[1])], dim=2)
+    b = torch.cat([b_units[m[:, j]] for j in range(m.shape[1])], dim=3)
+    return a, b
 
 
 def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
@@ -45,11 +70,14 @@ def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
 
 
 def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch_size: int = 8, lr: float = 2e-3,
-                    seed: int = 0, log_every: int = 100) -> tuple[LoRATable, list[dict]]:
+                    seed: int = 0, log_every: int = 100, parts_of=None) -> tuple[LoRATable, list[dict]]:
     """Fit one LightLoRA per group with the diffusion loss; the model's aux matrices train with them (in place).
 
     A_pred starts at unit norm and B_pred at zero, like an ordinary LoRA (A random, B zero), so the LoRA is zero
-    at the start and every group's B gets a gradient from the first step."""
+    at the start and every group's B gets a gradient from the first step.
+
+    `parts_of(group)` -> its k parts (e.g. `effects.effect_factors`: motion, look): then one rank-(r/k) LoRA is fit
+    per part, shared by every group that has it, and a group's LoRA is its parts' side by side."""
     groups = sorted(set(data.effects))
     rows = list(range(len(data.effects)))
     prepare_backbone(backbone, model)
@@ -57,9 +85,19 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     model.to(device).train()
     lc = model.config.lora
     num_layers = len(model.config.layers)
+    if parts_of is None:
+        units, members, unit_rank = groups, [[k] for k in range(len(groups))], lc.rank
+    else:
+        parts = [list(parts_of(grp)) for grp in groups]
+        k = len(parts[0])
+        if any(len(p) != k for p in parts) or lc.rank % k:
+            raise ValueError(f"a factorised table needs every group to have the same number of parts k, and LoRA "
+                             f"rank divisible by k (rank {lc.rank}; parts: {dict(zip(groups, parts))})")
+        units = sorted({u for p in parts for u in p})
+        members, unit_rank = [[units.index(u) for u in p] for p in parts], lc.rank // k
     g = torch.Generator().manual_seed(seed)
-    a_tab = torch.nn.Parameter((torch.randn(len(groups), num_layers, lc.rank, lc.down, generator=g) / lc.down**0.5).to(device))
-    b_tab = torch.nn.Parameter(torch.zeros(len(groups), num_layers, lc.up, lc.rank, device=device))
+    a_tab = torch.nn.Parameter((torch.randn(len(units), num_layers, unit_rank, lc.down, generator=g) / lc.down**0.5).to(device))
+    b_tab = torch.nn.Parameter(torch.zeros(len(units), num_layers, lc.up, unit_rank, device=device))
     params = [a_tab, b_tab, *model.a_aux.parameters(), *model.b_aux.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     history, start, recent = [], time.perf_counter(), []
@@ -68,8 +106,8 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
         batch = stack_examples([data.example(i) for i in pick])
         gen = torch.Generator().manual_seed(step_seed(seed, step, 0))
         batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, 0.1, gen)
-        idx = torch.tensor([groups.index(data.effects[i]) for i in pick], device=device)
-        loss = batch_loss(model, backbone, batch, gen, model.materialize(a_tab[idx], b_tab[idx]))
+        a, b = _compose(a_tab, b_tab, [members[groups.index(data.effects[i])] for i in pick])
+        loss = batch_loss(model, backbone, batch, gen, model.materialize(a, b))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -79,8 +117,11 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
             history.append({"step": step, "loss": sum(recent) / len(recent), "time_s": time.perf_counter() - start})
             logger.info("LoRA tables step %d/%d loss %.4f (%.0fs)", step, steps, history[-1]["loss"], history[-1]["time_s"])
             recent = []
-    table = LoRATable(groups, a_tab.detach().cpu(), b_tab.detach().cpu())
-    return table, history
+    a_units, b_units = a_tab.detach().cpu(), b_tab.detach().cpu()
+    a_groups, b_groups = _compose(a_units, b_units, members)
+    if parts_of is None:
+        return LoRATable(groups, a_groups, b_groups), history
+    return LoRATable(groups, a_groups, b_groups, units, a_units, b_units, parts_of), history
 
 
 def regression_error(model, latents: torch.Tensor, labels: torch.Tensor, table: LoRATable) -> dict:
@@ -183,8 +224,7 @@ def effect_losses(model, backbone, data: PreparedData, weights_of, seed: int = 1
 
 
 def table_weights(data: PreparedData, table: LoRATable):
-    return lambda refs: (table.a_pred[table.index([data.effects[r] for r in refs])],
-                         table.b_pred[table.index([data.effects[r] for r in refs])])
+    return lambda refs: table.weights([data.effects[r] for r in refs])
 
 
 def hypernet_weights(data: PreparedData, model):

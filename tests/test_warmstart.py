@@ -1,0 +1,74 @@
+"""Factorised warm-start tables: one LoRA per part (motion, look), a compound's LoRA its parts side by side."""
+
+import pytest
+import torch
+
+from video2lora import effects as fx
+
+COMPOUNDS = ["spin+invert", "spin+fade_out", "zoom_in+invert"]  # zoom_in+fade_out: never fitted, made of fitted parts
+
+
+def in_memory_data(backbone, labels, clips_per_label=2):
+    """A PreparedData held in memory (what jobs/prepare.py writes, without Ray or files)."""
+    from video2lora.training import PreparedData
+
+    index, cache = [], {}
+    for label in labels:
+        for rec in fx.make_dataset(3, clips_per_label, effects=[label]):
+            i = len(index)
+            index.append({"clip_id": rec["clip_id"], "effect": label, "split": fx.effect_split(label)})
+            with torch.no_grad():
+                cache[i] = {"latents": backbone.encode_video(torch.from_numpy(rec["video"])[None])[0],
+                            "prompt_embeds": backbone.encode_prompts([rec["prompt"]])[0]}
+    empty = backbone.encode_prompts([""])[0]
+    return PreparedData(uri="memory", info={}, index=index, empty_prompt=empty, _cache=cache)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    from video2lora.backbones import Backbone
+
+    return Backbone.from_pretrained(tiny_backbone_dir, device="cpu", dtype=torch.float32)
+
+
+def make_model(backbone, rank):
+    from pipelines.train import model_config
+    from video2lora.generate import new_model_for
+
+    return new_model_for(backbone, model_config({"lora": {"rank": rank}, "hyper": {"width": 32, "num_blocks": 1,
+                                                                                     "num_heads": 2}}), seed=0)
+
+
+def test_factorised_table_shares_parts_and_composes_unseen_compounds(backbone):
+    from video2lora.warmstart import fit_lora_tables, table_weights
+
+    data = in_memory_data(backbone, COMPOUNDS)
+    model = make_model(backbone, rank=2)
+    table, history = fit_lora_tables(model, backbone, data, steps=6, batch_size=4, lr=1e-2, parts_of=fx.effect_factors)
+    assert table.groups == sorted(COMPOUNDS) and table.units == ["fade_out", "invert", "spin", "zoom_in"]
+    assert table.a_units.shape[2] == 1 and table.a_pred.shape[2] == 2  # rank 2 = two rank-1 parts
+    assert float(table.b_units.abs().sum()) > 0  # the fit moved B away from its zero start
+    spin, invert, fade, zoom = (table.units.index(u) for u in ("spin", "invert", "fade_out", "zoom_in"))
+    g = table.groups.index("spin+invert")
+    torch.testing.assert_close(table.a_pred[g, :, 0], table.a_units[spin, :, 0])  # motion first, look second
+    torch.testing.assert_close(table.b_pred[g, :, :, 1], table.b_units[invert, :, :, 0])
+    # spin+invert and spin+fade_out share the spin part exactly
+    torch.testing.assert_close(table.a_pred[table.groups.index("spin+fade_out"), :, 0], table.a_pred[g, :, 0])
+    a, b = table.weights(["zoom_in+fade_out"])  # never fitted: composed from parts fitted with other partners
+    torch.testing.assert_close(a[0, :, 0], table.a_units[zoom, :, 0])
+    torch.testing.assert_close(b[0, :, :, 1], table.b_units[fade, :, :, 0])
+    unseen = in_memory_data(backbone, ["zoom_in+fade_out"], 1)
+    wa, wb = table_weights(unseen, table)([0])
+    torch.testing.assert_close(wa, a)
+
+
+def test_factorised_table_refuses_what_it_cannot_split(backbone):
+    from video2lora.warmstart import fit_lora_tables
+
+    data = in_memory_data(backbone, COMPOUNDS, 1)
+    with pytest.raises(ValueError, match="rank divisible"):  # two parts cannot share a rank-1 LoRA
+        fit_lora_tables(make_model(backbone, rank=1), backbone, data, steps=1, parts_of=fx.effect_factors)
+    table, _ = fit_lora_tables(make_model(backbone, rank=1), backbone, data, steps=1)  # plain: one LoRA per group
+    assert table.units is None
+    with pytest.raises(KeyError, match="zoom_in\\+fade_out"):
+        table.weights(["zoom_in+fade_out"])
