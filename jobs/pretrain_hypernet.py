@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for
     from video2lora.training import PREPARED_NAME, PreparedData
-    from video2lora.warmstart import effect_losses, fit_lora_tables, hypernet_weights, regress_hypernet, table_weights
+    from video2lora.warmstart import (effect_losses, fit_lora_tables, hypernet_weights, part_accuracy, regress_hypernet,
+                                      table_weights)
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
     # does the LoRA carry the effect? loss with a reference of the clip's own effect vs of another effect vs none
     losses = {"table": effect_losses(model, backbone, data, table_weights(data, table), max_rows=a.eval_rows),
               "hypernet": effect_losses(model, backbone, data, hypernet_weights(data, model), max_rows=a.eval_rows)}
+    parts = {a.split: part_accuracy(model, data, table)} if table.units is not None else {}
     for split in sorted({r.get("split") or "train" for r in PreparedData.load(a.prepared, "all").index} - {a.split}):
         other = PreparedData.load(a.prepared, split)
         if len(set(other.effects)) > 1:
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
             if table.units is not None:  # LoRAs composed from parts fitted on other partners: the target it has
                 losses[f"table_{split}"] = effect_losses(model, backbone, other, table_weights(other, table),
                                                          max_rows=a.eval_rows)
+                parts[split] = part_accuracy(model, other, table)
     for name, l in losses.items():
         print(f"diffusion loss, {name}: no LoRA {l['none']:.4f}, own-effect reference {l['own_effect']:.4f}, "
               f"other-effect reference {l['other_effect']:.4f}", flush=True)
@@ -142,7 +145,11 @@ def main(argv=None) -> int:
         tensors.update(a_units=table.a_units.contiguous(), b_units=table.b_units.contiguous())
         meta["units"] = json.dumps(table.units)
     storage.write_bytes_atomic(storage.join(a.output, "lora_tables.safetensors"), save(tensors, metadata=meta))
+    for split, acc in parts.items():
+        print(f"predicted LoRA nearest to the reference's own part ({split} clips), per part: "
+              + ", ".join(f"{x:.2f}" for x in acc), flush=True)
     report = {"groups": table.groups, "clips": len(data.index), "table": table_history, "effect_losses": losses,
+              "part_accuracy": parts,
               "regression": regress_history, "wall_s": time.perf_counter() - start, "args": vars(a)}
     storage.write_bytes_atomic(storage.join(a.output, "warmstart.json"), json.dumps(report, indent=2).encode())
     first, last = (h.get("val", h["fit"]) for h in (regress_history[0], regress_history[-1]))

@@ -49,6 +49,8 @@ sys.path.insert(0, ROOT)
 STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselines", "evaluate")
 # a conv stem over the latent: the hypernetwork learns to tell effects apart about twice as fast (docs/EFFECTS.md)
 HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
+# compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
+COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
 logger = logging.getLogger("recipe")
 
 
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dit-minutes", type=float, default=15.0)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--table-steps", type=int, default=800, help="warm start: per-effect LoRA steps (about 0.1 s each)")
+    p.add_argument("--table-steps", type=int, default=None,
+                   help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for --world combo)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
     p.add_argument("--train-steps", type=int, default=1000, help="end-to-end hypernetwork steps (global batch 8)")
     p.add_argument("--train-lr", type=float, default=1e-4)
@@ -135,11 +138,15 @@ def stage_prepare(a, paths) -> None:
 
 
 def stage_warmstart(a, paths) -> None:
+    combo = a.world == "combo"
+    table_steps = a.table_steps or (2000 if combo else 800)  # 35 compounds share the steps of 10 effects
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
-         paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(HYPER_CONFIG),
-         "--table-steps", str(a.table_steps), "--regress-steps", str(a.regress_steps),
+         paths["backbone"], "--output", paths["warmstart"],
+         "--model-config", json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG),
+         "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps),
          # one process alone on the machine: up to 2 threads pay off here even where the Ray stages use 1
-         "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))], env=_env())
+         "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))] + (["--factorise"] if combo else []),
+        env=_env())
 
 
 def stage_train(a, paths) -> None:

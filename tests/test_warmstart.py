@@ -72,3 +72,31 @@ def test_factorised_table_refuses_what_it_cannot_split(backbone):
     assert table.units is None
     with pytest.raises(KeyError, match="zoom_in\\+fade_out"):
         table.weights(["zoom_in+fade_out"])
+
+
+def test_part_accuracy_reads_each_slot(backbone, monkeypatch):
+    """A model predicting exactly the composed parts scores 1 on every slot, also on a compound never fitted;
+    one predicting the parts in the wrong slots does not."""
+    from video2lora.warmstart import fit_lora_tables, part_accuracy
+
+    data = in_memory_data(backbone, COMPOUNDS, 1)
+    model = make_model(backbone, rank=2)
+    table, _ = fit_lora_tables(model, backbone, data, steps=4, batch_size=3, lr=1e-2, parts_of=fx.effect_factors)
+    unseen = in_memory_data(backbone, ["zoom_in+fade_out"], 2)
+    current = {}
+
+    def oracle(latents):  # the table's own LoRA of each row's label
+        return table.weights(current["labels"])
+
+    monkeypatch.setattr(model, "predict", oracle)
+    for d in (data, unseen):
+        current["labels"] = d.effects
+        assert part_accuracy(model, d, table) == [1.0, 1.0]
+
+    def swapped(latents):
+        a, b = table.weights(current["labels"])
+        return a.flip(2), b.flip(3)
+
+    monkeypatch.setattr(model, "predict", swapped)
+    current["labels"] = unseen.effects
+    assert part_accuracy(model, unseen, table) == [0.0, 0.0]

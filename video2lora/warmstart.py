@@ -139,6 +139,31 @@ def regression_error(model, latents: torch.Tensor, labels: torch.Tensor, table: 
     return {"relative_error": float(rel), "nearest_group_accuracy": float((nearest == labels).float().mean())}
 
 
+@torch.no_grad()
+def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int = 64) -> list[float]:
+    """Factorised tables: per rank slot (part), how often the predicted LoRA's slot is nearest (in weight space)
+    to the clip's own part among all fitted parts. On compounds never fitted, this says whether the hypernetwork
+    reads each part of a new combination (zero-shot, in weight space)."""
+    a_u, b_u = table.a_units, table.b_units
+    sa, sb = a_u.std(), b_u.std()
+    units = torch.cat([a_u[:, :, 0].flatten(1) / sa, b_u[..., 0].flatten(1) / sb], 1)  # rank-1 parts
+    device = next(model.parameters()).device
+    hits, k = None, a_u.shape[2]
+    for i in range(0, len(data.index), batch_size):
+        rows = list(range(i, min(i + batch_size, len(data.index))))
+        a, b = model.predict(torch.stack([data.example(r)["latents"] for r in rows]).to(device))
+        a, b = a.cpu().float(), b.cpu().float()
+        parts = [table.parts_of(data.effects[r]) for r in rows]
+        slots = a.shape[2] // k
+        if hits is None:
+            hits = [0] * slots
+        for j in range(slots):
+            w = torch.cat([a[:, :, j * k].flatten(1) / sa, b[..., j * k].flatten(1) / sb], 1)
+            nearest = torch.cdist(w, units).argmin(1).tolist()
+            hits[j] += sum(table.units[n] == p[j] for n, p in zip(nearest, parts))
+    return [h / max(1, len(data.index)) for h in hits or []]
+
+
 def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1500, batch_size: int = 32,
                      lr: float = 1e-3, weight_decay: float = 0.03, seed: int = 0, val_fraction: float = 0.2,
                      log_every: int = 250, device: str | torch.device = "cpu") -> list[dict]:
