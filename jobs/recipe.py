@@ -91,16 +91,17 @@ def run(cmd: list[str], env=None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def world_labels(a) -> tuple[str, str]:
-    """(the hypernetwork's effects, every label of the world) as video2lora.effects set names / lists."""
+def world_labels(a) -> tuple[str, str, str]:
+    """(the hypernetwork's effects, every label of the world, the evaluated effects) as video2lora.effects set
+    names or comma-separated lists."""
     from video2lora.effects import ALL_LABELS
 
-    return ("combo", "combo-world") if a.world == "combo" else ("all", ",".join(ALL_LABELS))
+    return ("combo", "combo-world", "combo-eval") if a.world == "combo" else ("all", ",".join(ALL_LABELS), "all")
 
 
 def stage_data(a, paths) -> None:
     py = sys.executable
-    effects, labels = world_labels(a)
+    effects, labels, _ = world_labels(a)
     run([py, "jobs/make_effects.py", "--out", paths["data"], "--seed", "0", "--clips-per-effect",
          str(a.clips_per_effect), "--effects", effects])
     run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect",
@@ -190,7 +191,10 @@ def stage_baselines(a, paths) -> None:
     targets = backbone.lora_targets  # the layers the hypernetwork adapts (its checkpoint says which, if there)
     if os.path.exists(os.path.join(paths["checkpoint"], "config.json")):
         targets = Video2LoRAModel.from_pretrained(paths["checkpoint"]).config.lora.target_modules
-    model, history = train_per_effect_loras(backbone, data, target_modules=targets, rank=a.baseline_rank,
+    from video2lora.effects import resolve_effects
+
+    effects = resolve_effects(world_labels(a)[2])  # the evaluated ones (all 14 single effects; 14 of 42 compounds)
+    model, history = train_per_effect_loras(backbone, data, effects=effects, target_modules=targets, rank=a.baseline_rank,
                                             steps=a.baseline_steps, batch_size=14, seed=0)
     os.makedirs(os.path.dirname(paths["baselines"]), exist_ok=True)
     model.save(paths["baselines"])
@@ -202,7 +206,7 @@ def stage_evaluate(a, paths) -> None:
     run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
          "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.eval_seed),
          "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads),
-         "--effects", world_labels(a)[0]])
+         "--effects", world_labels(a)[2]])
 
 
 DONE = {

@@ -51,6 +51,7 @@ __all__ = [
     "COMBOS",
     "COMBO_TRAIN",
     "COMBO_HELDOUT",
+    "COMBO_EVAL_SEEN",
     "COMBO_WORLD",
 ]
 
@@ -93,6 +94,9 @@ COMBOS: list[str] = [f"{m}+{k}" for m in MOTIONS for k in LOOKS]
 COMBO_HELDOUT: tuple[str, ...] = ("spin+fade_out", "zoom_in+invert", "zoom_out+pixelate", "slide_left+blur_in",
                                   "slide_right+invert", "shake+pixelate", "melt_down+fade_out")
 COMBO_TRAIN: tuple[str, ...] = tuple(c for c in COMBOS if c not in COMBO_HELDOUT)
+#: the seen compounds the benchmark reports next to the held-out ones: one per motion, looks of the same set
+COMBO_EVAL_SEEN: tuple[str, ...] = ("spin+pixelate", "zoom_in+fade_out", "zoom_out+invert", "slide_left+pixelate",
+                                    "slide_right+fade_out", "shake+blur_in", "melt_down+invert")
 #: every label of the compound world: single effects, compounds and the static class (backbone and judge)
 COMBO_WORLD: list[str] = ALL_LABELS + COMBOS
 
@@ -262,13 +266,13 @@ def effect_factors(effect: str) -> tuple[str, str]:
 _NAMED_SETS = {
     "all": EFFECTS, "train": TRAIN_EFFECTS, "heldout": HELDOUT_EFFECTS, "held_out": HELDOUT_EFFECTS,
     "test": HELDOUT_EFFECTS, "combo": COMBOS, "combo-train": COMBO_TRAIN, "combo-heldout": COMBO_HELDOUT,
-    "combo-world": COMBO_WORLD,
+    "combo-world": COMBO_WORLD, "combo-eval": COMBO_EVAL_SEEN + COMBO_HELDOUT,
 }
 
 
 def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
     """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS, "combo",
-    "combo-train", "combo-heldout", "combo-world" -> the compound sets, or an explicit comma-separated
+    "combo-train", "combo-heldout", "combo-world", "combo-eval" -> the compound sets, or an explicit comma-separated
     list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
     if effects is None:
         return list(EFFECTS)
