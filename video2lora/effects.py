@@ -9,6 +9,9 @@ effect, and must make the frozen backbone reproduce that effect on a new prompt.
 * An *effect* is a function of time (frame index) applied while rendering the
   scene: camera warps (spin, zoom, shake), object motion (slides, melt, burst),
   colour / frame operations (colour cycle, flicker, fade, invert, pixelate, blur).
+* A *compound* effect ``"motion+look"`` (``"spin+fade_out"``) applies one motion (camera or object) and one
+  look (colour / frame operation) at once; held-out compounds pair parts that training saw only with other
+  partners, a test of zero-shot transfer to new effects made of known parts.
 * Clips are ``float32`` arrays of shape ``(3, F, H, W)`` with pixels in ``[-1, 1]``
   (the layout of :mod:`video2lora.video_io`).
 
