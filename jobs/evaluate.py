@@ -95,7 +95,7 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
         others = [o for o in others if all(o["prompt"] != r["prompt"] for r in refs)]
         for i, ref in enumerate(refs):
             content = others[i % len(others)]
-            name = f"{effect}__{i}"
+            name = f"{effect.replace('+', '-')}__{i}"  # a file and sample name: no '+' (spin+invert -> spin-invert)
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
             rows.append({"name": name, "effect": effect, "split": "seen" if fx.effect_split(effect) == "train" else "held-out",
@@ -135,6 +135,10 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
         address = os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, log_to_driver=False, include_dashboard=False) if address == "local" else ray.init(address=address)
     summary = run_batch_job(path, cfg, progress=True)
+    if summary["failed"]:  # a table over the rows that happened to work would mislead: stop, naming the cause
+        failed = pd.read_parquet(summary["results_uri"]).query("status == 'failed'")
+        raise RuntimeError(f"{len(failed)} of {summary['rows']} generation rows failed, e.g. "
+                           f"{failed.sample_id.iloc[0]}: {failed.error.iloc[0]}")
     return {"summary": summary, "generation": dict(num_frames=cfg.generation.num_frames, height=cfg.generation.height,
                                                    width=cfg.generation.width, steps=cfg.generation.steps,
                                                    guidance_scale=cfg.generation.guidance_scale)}
