@@ -7,8 +7,9 @@
 
 `--world combo`: the effects are compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on
 35 of the 42 and is tested on 7 it never saw, each made of a motion and a look it saw with other partners
-(video2lora.effects.COMBO_HELDOUT). The backbone continues from the single-effect one (`--init-backbone`, default
-the shipped one; VAE kept) on every single effect and compound; the judge learns all 57 labels.
+(video2lora.effects.COMBO_HELDOUT). The backbone learns every single effect and compound (57 labels), from scratch
+or continuing from a single-world backbone (`--init-backbone outputs/effects/backbone`, VAE kept: how the shipped
+one was made); the judge learns all 57 labels.
 
 Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 
@@ -61,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
     p.add_argument("--world", choices=("single", "combo"), default="single",
                    help="single effects (14, 4 held out) or motion+look compounds (42, 7 held out)")
-    p.add_argument("--init-backbone", default=os.path.join(ROOT, "video2lora", "assets", "checkpoint", "backbone"),
-                   help="--world combo: the single-effect backbone to continue from (its VAE is kept)")
+    p.add_argument("--init-backbone", default="",
+                   help="--world combo: continue from this single-effect backbone (its VAE kept) instead of "
+                        "pretraining from scratch; the shipped run used outputs/effects/backbone of a single-world run")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
@@ -114,8 +116,10 @@ def stage_pretrain(a, paths) -> None:
     cmd = [sys.executable, "jobs/pretrain_backbone.py", "--out", paths["backbone"], "--device", a.pretrain_device,
            "--clips-per-label", str(a.pretrain_clips_per_label), "--dit-steps", "100000", "--dit-minutes",
            str(a.dit_minutes), "--dit-batch", str(a.dit_batch), "--threads", str(a.threads), "--force"]
-    if a.world == "combo":  # continue from the single-effect backbone, same VAE, on every label of the world
-        cmd += ["--init", a.init_backbone, "--effects", "combo-world", "--vae-steps", "0", "--dit-lr", "3e-4"]
+    if a.world == "combo":
+        cmd += ["--effects", "combo-world"]
+    if a.init_backbone:  # continue from a pretrained backbone, its VAE kept: the DiT learns the new labels
+        cmd += ["--init", a.init_backbone, "--vae-steps", "0", "--dit-lr", "3e-4"]
     else:
         cmd += ["--vae-steps", "100000", "--vae-minutes", str(a.vae_minutes), "--vae-batch", str(a.vae_batch)]
     run(cmd)

@@ -53,24 +53,28 @@ def default_checkpoint(backbone_uri: str, seed: int = 0) -> str:
 
 
 def write_demo_manifest(directory: Path = DEMO_MANIFEST.parent, seed: int = 1234) -> Path:
-    """Regenerate the bundled demo: a few procedural effect clips and prompts that do not name the effect."""
+    """Regenerate the bundled demo: a few procedural effect clips and prompts that do not name the effect.
+
+    Compound effects of the shipped checkpoint (docs/EFFECTS.md): three seen in its training, three held out."""
     import pandas as pd
 
-    from video2lora.effects import HELDOUT_EFFECTS, TRAIN_EFFECTS, make_dataset
+    from video2lora.effects import make_dataset
     from video2lora.video_io import write_video
 
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    effects = list(TRAIN_EFFECTS[:3]) + list(HELDOUT_EFFECTS[:3])
+    effects = ["zoom_out+invert", "zoom_in+fade_out", "spin+pixelate",  # seen
+               "zoom_out+pixelate", "slide_left+blur_in", "melt_down+fade_out"]  # held out
     clips = make_dataset(seed, 1, effects=effects)
     prompts = ["a red circle on a black background", "a blue square on a gray background",
                "a yellow triangle on a dark blue background"]
     rows = []
     for clip in clips:
-        name = f"ref_{clip['effect']}.mp4"
+        effect = clip["effect"].replace("+", "-")  # sample ids and file names: [A-Za-z0-9._-]
+        name = f"ref_{effect}.mp4"
         write_video(str(directory / name), torch.from_numpy(clip["video"]))
         for j, prompt in enumerate(prompts[:2]):
-            rows.append({"sample_id": f"{clip['effect']}_{j}", "reference_uri": name, "prompt": prompt, "seed": j})
+            rows.append({"sample_id": f"{effect}_{j}", "reference_uri": name, "prompt": prompt, "seed": j})
     pd.DataFrame(rows).to_parquet(directory / "manifest.parquet", index=False)
     return directory / "manifest.parquet"

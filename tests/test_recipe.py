@@ -34,17 +34,21 @@ def arg(cmd, name):
 
 
 def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands, tmp_path):
-    a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path)])
+    a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
     p = paths_for(tmp_path)
     for stage in ("data", "pretrain", "warmstart", "evaluate"):
         getattr(recipe, f"stage_{stage}")(a, p)
     data, judge_train, judge_test, pretrain, warm, evaluate = commands
     assert arg(data, "--effects") == "combo" and arg(judge_train, "--effects") == "combo-world"
-    assert arg(pretrain, "--init") == a.init_backbone and arg(pretrain, "--vae-steps") == "0"
+    assert arg(pretrain, "--init") == "/fx/backbone" and arg(pretrain, "--vae-steps") == "0"
     assert arg(pretrain, "--effects") == "combo-world"
     assert "--factorise" in warm and json.loads(arg(warm, "--model-config"))["lora"]["rank"] == 2
     assert arg(warm, "--table-steps") == "2000"
     assert arg(evaluate, "--effects") == "combo-eval"
+    commands.clear()  # without --init-backbone: the whole backbone from scratch, on every label of the world
+    recipe.stage_pretrain(recipe.parse_args(["--world", "combo", "--out", str(tmp_path)]), p)
+    assert "--init" not in commands[0] and arg(commands[0], "--effects") == "combo-world"
+    assert arg(commands[0], "--vae-minutes") == "8.0"
 
 
 def test_single_world_is_unchanged(commands, tmp_path):

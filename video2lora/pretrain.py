@@ -271,8 +271,25 @@ def save_backbone(pipe, directory: str, generation_defaults: dict, dtype: torch.
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
         m.to(dtype)
     pipe.save_pretrained(directory, safe_serialization=True)
+    _drop_source_paths(directory)
     write_generation_defaults(directory, generation_defaults)
     return directory
+
+
+def _drop_source_paths(directory: str) -> None:
+    """A pipeline loaded from a path saves that path (`_name_or_path`) into its configs: drop it (a shipped
+    backbone must not name the machine it was made on)."""
+    import glob
+    import json
+    import os
+
+    for path in glob.glob(os.path.join(directory, "*", "config.json")) + [os.path.join(directory, "model_index.json")]:
+        with open(path) as f:
+            config = json.load(f)
+        if config.pop("_name_or_path", None) is not None:
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
 
 
 def new_pipeline(preset: str, seed: int = 0):
