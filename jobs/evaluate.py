@@ -96,7 +96,7 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
         others = [o for o in others if all(o["prompt"] != r["prompt"] for r in refs)]
         for i, ref in enumerate(refs):
             content = others[i % len(others)]
-            name = f"{effect.replace('+', '-')}__{i}"  # a file and sample name: no '+' (spin+invert -> spin-invert)
+            name = f"{fx.effect_slug(effect)}__{i}"  # a file and sample name (no '+')
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
             rows.append({"name": name, "effect": effect, "split": "seen" if fx.effect_split(effect) == "train" else "held-out",

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
         from video2lora.backbones import Backbone
 
         pipe = Backbone.from_pretrained(a.init, device="cpu", dtype=torch.float32).pipe
+    if a.vae_steps <= 0 and not a.init:
+        print("error: --vae-steps 0 keeps the VAE of --init; without --init the VAE must be trained", file=sys.stderr)
+        return 2
     pipe, report = pretrain(
         a.preset, seed=a.seed, clips_per_label=a.clips_per_label, vae_steps=a.vae_steps, vae_batch=a.vae_batch,
         vae_lr=a.vae_lr, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, device=a.device, eval_clips_per_label=a.eval_clips_per_label,
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     gen = dict(GENERATION, steps=a.steps, guidance_scale=a.guidance_scale)
     save_backbone(pipe, a.out, gen)
     report.update(args=vars(a), generation_defaults=gen, wall_s=time.perf_counter() - start)
+    if a.init:
+        report["started_from"] = a.init
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"pretrained backbone in {a.out}: VAE PSNR {report['vae_psnr']:.2f} dB, DiT held-out loss "

@@ -57,14 +57,14 @@ logger = logging.getLogger("recipe")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/effects")
+    p.add_argument("--out", default=None, help="default outputs/effects, outputs/combo for --world combo")
     p.add_argument("--only", default="", help=f"comma-separated stages of {','.join(STAGES)}")
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
     p.add_argument("--world", choices=("single", "combo"), default="single",
                    help="single effects (14, 4 held out) or motion+look compounds (42, 7 held out)")
     p.add_argument("--init-backbone", default="",
-                   help="--world combo: continue from this single-effect backbone (its VAE kept) instead of "
-                        "pretraining from scratch; the shipped run used outputs/effects/backbone of a single-world run")
+                   help="continue from this pretrained backbone (its VAE kept) instead of pretraining from scratch; "
+                        "the shipped compound run used outputs/effects/backbone of a single-world run")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
@@ -144,7 +144,7 @@ def stage_prepare(a, paths) -> None:
 
 def stage_warmstart(a, paths) -> None:
     combo = a.world == "combo"
-    table_steps = a.table_steps or (2000 if combo else 800)  # 35 compounds share the steps of 10 effects
+    table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35 compounds share the steps of 10 effects
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"],
          "--model-config", json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG),
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     a = parse_args(argv)
-    out = os.path.abspath(a.out)
+    out = os.path.abspath(a.out or ("outputs/combo" if a.world == "combo" else "outputs/effects"))
     paths = {"data": f"{out}/data", "judge_train": f"{out}/classifier-data", "judge_test": f"{out}/classifier-test",
              "backbone": f"{out}/backbone", "classifier": f"{out}/classifier", "train": f"{out}/train",
              "checkpoint": f"{out}/checkpoint", "warmstart": f"{out}/warmstart", "baselines": f"{out}/baselines/per_effect_loras.safetensors",
@@ -257,6 +257,16 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
         return 2
+    if a.init_backbone and os.path.abspath(a.init_backbone) == paths["backbone"]:
+        print(f"error: --init-backbone {a.init_backbone} is this run's own backbone (--out {out}): the pretrain stage "
+              "would skip or overwrite its own starting point; give a run of another --out", file=sys.stderr)
+        return 2
+    recorded = os.path.join(out, "recipe.json")
+    if os.path.exists(recorded):  # stages are skipped when their outputs exist: never mix two worlds in one --out
+        world = json.load(open(recorded)).get("args", {}).get("world", "single")
+        if world != a.world:
+            print(f"error: {out} holds a --world {world} run; give another --out for --world {a.world}", file=sys.stderr)
+            return 2
     timings, start = {}, time.perf_counter()
     for k, name in enumerate(STAGES):
         if name not in only:

@@ -58,7 +58,7 @@ def write_demo_manifest(directory: Path = DEMO_MANIFEST.parent, seed: int = 1234
     Compound effects of the shipped checkpoint (docs/EFFECTS.md): three seen in its training, three held out."""
     import pandas as pd
 
-    from video2lora.effects import make_dataset
+    from video2lora.effects import effect_slug, make_dataset
     from video2lora.video_io import write_video
 
     import torch
@@ -71,7 +71,7 @@ def write_demo_manifest(directory: Path = DEMO_MANIFEST.parent, seed: int = 1234
                "a yellow triangle on a dark blue background"]
     rows = []
     for clip in clips:
-        effect = clip["effect"].replace("+", "-")  # sample ids and file names: [A-Za-z0-9._-]
+        effect = effect_slug(clip["effect"])  # sample ids and file names: [A-Za-z0-9._-]
         name = f"ref_{effect}.mp4"
         write_video(str(directory / name), torch.from_numpy(clip["video"]))
         for j, prompt in enumerate(prompts[:2]):

@@ -223,3 +223,10 @@ def test_compound_effects_are_their_motion_and_look():
             fx.render_clip(scene, bad)
     with pytest.raises(ValueError, match="wobble"):
         fx.resolve_effects("spin,wobble+invert")
+
+
+def test_effect_lists_are_forgiving_about_spaces_not_about_emptiness():
+    assert fx.resolve_effects(" spin + invert , zoom_in") == ["spin+invert", "zoom_in"]
+    assert fx.effect_slug("spin+invert") == "spin-invert"
+    with pytest.raises(ValueError, match="no effects"):
+        fx.resolve_effects(" , ")

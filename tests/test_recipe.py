@@ -61,3 +61,14 @@ def test_single_world_is_unchanged(commands, tmp_path):
     assert "--init" not in pretrain and arg(pretrain, "--vae-minutes") == "8.0"
     assert "--factorise" not in warm and "lora" not in json.loads(arg(warm, "--model-config"))
     assert arg(warm, "--table-steps") == "800" and arg(evaluate, "--effects") == "all"
+
+
+def test_refuses_to_mix_worlds_or_start_from_its_own_backbone(commands, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert recipe.main(["--world", "combo", "--out", str(out), "--init-backbone", str(out / "backbone")]) == 2
+    assert "own backbone" in capsys.readouterr().err
+    out.mkdir()
+    (out / "recipe.json").write_text(json.dumps({"args": {"world": "single"}}))
+    assert recipe.main(["--world", "combo", "--out", str(out), "--only", "data"]) == 2
+    assert "--world single run" in capsys.readouterr().err
+    assert commands == []  # nothing ran

@@ -74,13 +74,14 @@ def test_factorised_table_refuses_what_it_cannot_split(backbone):
         table.weights(["zoom_in+fade_out"])
 
 
-def test_part_accuracy_reads_each_slot(backbone, monkeypatch):
+@pytest.mark.parametrize("rank", [2, 4])  # rank-1 and rank-2 parts
+def test_part_accuracy_reads_each_slot(backbone, monkeypatch, rank):
     """A model predicting exactly the composed parts scores 1 on every slot, also on a compound never fitted;
     one predicting the parts in the wrong slots does not."""
     from video2lora.warmstart import fit_lora_tables, part_accuracy
 
     data = in_memory_data(backbone, COMPOUNDS, 1)
-    model = make_model(backbone, rank=2)
+    model = make_model(backbone, rank=rank)
     table, _ = fit_lora_tables(model, backbone, data, steps=4, batch_size=3, lr=1e-2, parts_of=fx.effect_factors)
     unseen = in_memory_data(backbone, ["zoom_in+fade_out"], 2)
     current = {}
@@ -93,10 +94,25 @@ def test_part_accuracy_reads_each_slot(backbone, monkeypatch):
         current["labels"] = d.effects
         assert part_accuracy(model, d, table) == [1.0, 1.0]
 
-    def swapped(latents):
+    def swapped(latents):  # the look's part in the motion's slot and back
         a, b = table.weights(current["labels"])
-        return a.flip(2), b.flip(3)
+        h = rank // 2
+        return torch.cat([a[:, :, h:], a[:, :, :h]], 2), torch.cat([b[..., h:], b[..., :h]], 3)
 
     monkeypatch.setattr(model, "predict", swapped)
     current["labels"] = unseen.effects
     assert part_accuracy(model, unseen, table) == [0.0, 0.0]
+
+
+def test_factorisation_errors_name_the_label(backbone):
+    from video2lora.warmstart import check_factorisation, fit_lora_tables
+
+    # "invert" alone is (none, invert), "burst" is (burst, none): "none" would be a motion and a look at once
+    with pytest.raises(ValueError, match="'none'"):
+        check_factorisation(["invert", "burst"], fx.effect_factors, 2)
+    data = in_memory_data(backbone, ["spin+invert", "zoom_in+invert"], 1)
+    table, _ = fit_lora_tables(make_model(backbone, rank=2), backbone, data, steps=1, parts_of=fx.effect_factors)
+    with pytest.raises(KeyError, match="fade_out"):  # a part no training label had: no LoRA to compose
+        table.weights(["spin+fade_out"])
+    with pytest.raises(ValueError, match="no labels"):
+        table.weights([])

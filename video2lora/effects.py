@@ -49,6 +49,7 @@ __all__ = [
     "effect_split",
     "effect_parts",
     "effect_factors",
+    "effect_slug",
     "MOTIONS",
     "LOOKS",
     "COMBOS",
@@ -282,11 +283,18 @@ def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
     if isinstance(effects, str) and effects in _NAMED_SETS:
         return list(_NAMED_SETS[effects])
     if isinstance(effects, str):
-        effects = [e.strip() for e in effects.split(",") if e.strip()]
-    out = list(effects)
+        effects = effects.split(",")
+    out = [e.replace(" ", "") for e in effects if e.strip()]  # "spin + invert" is spin+invert
+    if not out:
+        raise ValueError(f"no effects given ({effects!r}); known sets: {sorted(_NAMED_SETS)}")
     for e in out:
         effect_parts(e)  # raises naming the bad label
     return out
+
+
+def effect_slug(effect: str) -> str:
+    """The label as a file / sample name ([A-Za-z0-9._-]): spin+invert -> spin-invert."""
+    return effect.replace("+", "-")
 
 
 def effect_split(effect: str) -> str:

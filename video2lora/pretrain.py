@@ -313,7 +313,10 @@ def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_labe
     from . import effects as fx
     from .backbones import CogVideoXBackbone
 
+    if vae_steps <= 0 and pipe is None:
+        raise ValueError("vae_steps=0 keeps the VAE of a given pipeline (--init); a fresh preset needs VAE training")
     t0 = time.perf_counter()
+    started_from = "pretrained pipeline" if pipe is not None else f"preset {preset}"
     pipe = pipe if pipe is not None else new_pipeline(preset, seed)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -321,7 +324,7 @@ def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_labe
     logger.info("rendering %d clips per label (%d labels)", clips_per_label, len(labels))
     train = render_clips(seed, clips_per_label, labels, progress=True)
     held = render_clips(seed + 10_000, eval_clips_per_label, labels)
-    report = {"preset": preset, "seed": seed, "train_clips": len(train), "eval_clips": len(held),
+    report = {"preset": preset, "started_from": started_from, "seed": seed, "train_clips": len(train), "eval_clips": len(held),
               "render_s": time.perf_counter() - t0}
 
     t = time.perf_counter()

@@ -49,12 +49,36 @@ class LoRATable:
 
     def weights(self, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_pred, B_pred) of `labels`: fitted groups as fitted, others composed from their parts."""
+        if not labels:
+            raise ValueError("no labels given")
         if all(g in self.groups for g in labels):
             idx = self.index(labels)
             return self.a_pred[idx], self.b_pred[idx]
         if self.units is None:
             raise KeyError(f"no LoRA for {sorted(set(labels) - set(self.groups))}: not fitted, table not factorised")
+        missing = {g: [u for u in self.parts_of(g) if u not in self.units] for g in labels}
+        missing = {g: m for g, m in missing.items() if m}
+        if missing:
+            raise KeyError(f"no LoRA for {sorted(missing)}: parts never fitted {sorted({u for m in missing.values() for u in m})}")
         return _compose(self.a_units, self.b_units, [[self.units.index(u) for u in self.parts_of(g)] for g in labels])
+
+
+def check_factorisation(groups: list[str], parts_of, rank: int) -> list[list[str]]:
+    """The parts of every group, refusing what a factorised table cannot hold: groups with different numbers of
+    parts, a rank not divisible by that number, or a part that sits in different slots (e.g. "none" as a motion
+    for one label and as a look for another)."""
+    parts = [list(parts_of(grp)) for grp in groups]
+    k = len(parts[0]) if parts else 0
+    if not parts or any(len(p) != k for p in parts) or rank % k:
+        raise ValueError(f"a factorised table needs every group to have the same number of parts k, and LoRA rank "
+                         f"divisible by k (rank {rank}; parts: {dict(zip(groups, parts))})")
+    slot: dict[str, int] = {}
+    for grp, p in zip(groups, parts):
+        for j, u in enumerate(p):
+            if slot.setdefault(u, j) != j:
+                raise ValueError(f"part {u!r} of {grp!r} is in slot {j} but in slot {slot[u]} of another label: "
+                                 "a factorised table needs each part in one slot (labels all 'motion+look')")
+    return parts
 
 
 def _compose(a_units: torch.Tensor, b_units: torch.Tensor, members: list[list[int]]):
@@ -88,13 +112,9 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     if parts_of is None:
         units, members, unit_rank = groups, [[k] for k in range(len(groups))], lc.rank
     else:
-        parts = [list(parts_of(grp)) for grp in groups]
-        k = len(parts[0])
-        if any(len(p) != k for p in parts) or lc.rank % k:
-            raise ValueError(f"a factorised table needs every group to have the same number of parts k, and LoRA "
-                             f"rank divisible by k (rank {lc.rank}; parts: {dict(zip(groups, parts))})")
+        parts = check_factorisation(groups, parts_of, lc.rank)
         units = sorted({u for p in parts for u in p})
-        members, unit_rank = [[units.index(u) for u in p] for p in parts], lc.rank // k
+        members, unit_rank = [[units.index(u) for u in p] for p in parts], lc.rank // len(parts[0])
     g = torch.Generator().manual_seed(seed)
     a_tab = torch.nn.Parameter((torch.randn(len(units), num_layers, unit_rank, lc.down, generator=g) / lc.down**0.5).to(device))
     b_tab = torch.nn.Parameter(torch.zeros(len(units), num_layers, lc.up, unit_rank, device=device))
@@ -144,21 +164,25 @@ def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int =
     """Factorised tables: per rank slot (part), how often the predicted LoRA's slot is nearest (in weight space)
     to the clip's own part among all fitted parts. On compounds never fitted, this says whether the hypernetwork
     reads each part of a new combination (zero-shot, in weight space)."""
+    if table.units is None:
+        raise ValueError("part_accuracy needs a factorised table (fit_lora_tables(parts_of=...))")
     a_u, b_u = table.a_units, table.b_units
-    sa, sb = a_u.std(), b_u.std()
-    units = torch.cat([a_u[:, :, 0].flatten(1) / sa, b_u[..., 0].flatten(1) / sb], 1)  # rank-1 parts
+    unit_rank = a_u.shape[2]
+    sa, sb = a_u.std().clamp_min(1e-12), b_u.std().clamp_min(1e-12)
+    units = torch.cat([a_u.flatten(1) / sa, b_u.flatten(1) / sb], 1)  # one row per fitted part
     device = next(model.parameters()).device
-    hits, k = None, a_u.shape[2]
+    hits = None
     for i in range(0, len(data.index), batch_size):
         rows = list(range(i, min(i + batch_size, len(data.index))))
         a, b = model.predict(torch.stack([data.example(r)["latents"] for r in rows]).to(device))
         a, b = a.cpu().float(), b.cpu().float()
         parts = [table.parts_of(data.effects[r]) for r in rows]
-        slots = a.shape[2] // k
+        slots = a.shape[2] // unit_rank
         if hits is None:
             hits = [0] * slots
         for j in range(slots):
-            w = torch.cat([a[:, :, j * k].flatten(1) / sa, b[..., j * k].flatten(1) / sb], 1)
+            cols = slice(j * unit_rank, (j + 1) * unit_rank)
+            w = torch.cat([a[:, :, cols].flatten(1) / sa, b[..., cols].flatten(1) / sb], 1)
             nearest = torch.cdist(w, units).argmin(1).tolist()
             hits[j] += sum(table.units[n] == p[j] for n, p in zip(nearest, parts))
     return [h / max(1, len(data.index)) for h in hits or []]
