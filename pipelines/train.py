@@ -620,7 +620,8 @@ def run_training(job: TrainJobConfig) -> dict:
     if not job.prepared or not job.backbone:
         raise ValueError("run_training needs a prepared data set (job.prepared) and a backbone")
     job = dataclasses.replace(job, prepared=absolute(job.prepared), backbone=absolute(job.backbone),
-                              storage_path=absolute(job.storage_path), output=absolute(job.output))
+                              storage_path=absolute(job.storage_path), output=absolute(job.output),
+                              init_checkpoint=absolute(job.init_checkpoint))
     data = PreparedData.load(job.prepared, job.split)
     if len(data.index) < job.num_workers * t.batch_size:
         raise ValueError(f"{len(data.index)} training clips (split {job.split!r}) are fewer than one global batch "
