@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32, help="frame height and width (even)")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--fps", type=float, default=8)
-    p.add_argument("--effects", default="all", help="train | heldout | all | comma-separated effect names")
+    p.add_argument("--effects", default="all", help="train | heldout | all | combo | combo-train | combo-heldout | "
+                   "combo-world | comma-separated effect names (compounds: motion+look)")
     p.add_argument("--absolute-uris", action="store_true", help="write absolute video_uri values")
     return p.parse_args(argv)
 
