@@ -187,12 +187,12 @@ def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict
         pred = judge.predict(clips)
         for k, (r, p) in enumerate(have):
             content = [pred[h][k] == r[h] for h in ("shape", "colour", "background")]
+            (pred_motion, pred_look), (motion, look) = effect_factors(pred["effect"][k]), effect_factors(r["effect"])
             results.append({**r, "method": method, "video": p, "pred_effect": pred["effect"][k],
                             "pred_shape": pred["shape"][k], "pred_colour": pred["colour"][k],
                             "pred_background": pred["background"][k], "effect_ok": pred["effect"][k] == r["effect"],
                             # compounds: did the motion / the look come across, each on its own
-                            "motion_ok": effect_factors(pred["effect"][k])[0] == effect_factors(r["effect"])[0],
-                            "look_ok": effect_factors(pred["effect"][k])[1] == effect_factors(r["effect"])[1],
+                            "motion_ok": pred_motion == motion, "look_ok": pred_look == look,
                             "content": float(np.mean(content))})
     return results
 

@@ -263,7 +263,8 @@ def main(argv=None) -> int:
         return 2
     recorded = os.path.join(out, "recipe.json")
     if os.path.exists(recorded):  # stages are skipped when their outputs exist: never mix two worlds in one --out
-        world = json.load(open(recorded)).get("args", {}).get("world", "single")
+        with open(recorded) as f:
+            world = json.load(f).get("args", {}).get("world", "single")
         if world != a.world:
             print(f"error: {out} holds a --world {world} run; give another --out for --world {a.world}", file=sys.stderr)
             return 2

@@ -17,22 +17,20 @@ def _clear_fsspec_s3_cache():
 def patched_env(env: dict):
     """Set (value) or unset (None) environment variables for the block, then restore them; s3fs's cached clients
     are dropped on both sides, since they hold the endpoint and keys of the env they were made in."""
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _clear_fsspec_s3_cache()
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
+    def apply(values: dict) -> None:
+        for k, v in values.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         _clear_fsspec_s3_cache()
+
+    saved = {k: os.environ.get(k) for k in env}
+    apply(env)
+    try:
+        yield
+    finally:
+        apply(saved)
 
 
 @pytest.fixture(scope="session")

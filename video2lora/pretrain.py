@@ -335,10 +335,8 @@ def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_labe
                                           log_every=log_every, time_budget_s=vae_time_budget_s)
     psnr, per_effect = vae_psnr(pipe.vae, held, device=device, per_effect=True)
     report.update(vae_psnr=psnr, vae_psnr_per_effect=per_effect, vae_s=time.perf_counter() - t)
-    if vae_steps > 0:
-        report["scaling_factor"] = set_scaling_factor(pipe, train, device=device)
-    else:
-        report["scaling_factor"] = float(pipe.vae.config.scaling_factor)
+    report["scaling_factor"] = (set_scaling_factor(pipe, train, device=device) if vae_steps > 0
+                                else float(pipe.vae.config.scaling_factor))  # a kept VAE keeps its scaling
     logger.info("VAE: held-out reconstruction PSNR %.2f dB (before training %.2f dB); scaling_factor %.4f",
                 psnr, report["vae_psnr_before"], report["scaling_factor"])
 

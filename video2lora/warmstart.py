@@ -89,6 +89,11 @@ def _compose(a_units: torch.Tensor, b_units: torch.Tensor, members: list[list[in
     return a, b
 
 
+def _weight_rows(a: torch.Tensor, b: torch.Tensor, sa, sb) -> torch.Tensor:
+    """One row per LoRA: A_pred and B_pred flattened, each scaled by its spread (for nearest-neighbour reads)."""
+    return torch.cat([a.flatten(1) / sa, b.flatten(1) / sb], 1)
+
+
 def _rows_by_group(data: PreparedData, groups: list[str]) -> list[int]:
     return [i for i, g in enumerate(data.effects) if g in groups]
 
@@ -103,7 +108,6 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     `parts_of(group)` -> its k parts (e.g. `effects.effect_factors`: motion, look): then one rank-(r/k) LoRA is fit
     per part, shared by every group that has it, and a group's LoRA is its parts' side by side."""
     groups = sorted(set(data.effects))
-    rows = list(range(len(data.effects)))
     prepare_backbone(backbone, model)
     device = backbone.device
     model.to(device).train()
@@ -122,7 +126,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     history, start, recent = [], time.perf_counter(), []
     for step in range(1, steps + 1):
-        pick = [rows[int(i)] for i in torch.randint(0, len(rows), (batch_size,), generator=g)]
+        pick = torch.randint(0, len(data.effects), (batch_size,), generator=g).tolist()
         batch = stack_examples([data.example(i) for i in pick])
         gen = torch.Generator().manual_seed(step_seed(seed, step, 0))
         batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, 0.1, gen)
@@ -153,9 +157,7 @@ def regression_error(model, latents: torch.Tensor, labels: torch.Tensor, table: 
         a, b = model.predict(latents)
     a, b = a.cpu().float(), b.cpu().float()
     rel = (((a - a_t[labels]) ** 2).mean() / sa**2 + ((b - b_t[labels]) ** 2).mean() / sb**2) / 2
-    w = torch.cat([a.flatten(1) / sa, b.flatten(1) / sb], 1)
-    tw = torch.cat([a_t.flatten(1) / sa, b_t.flatten(1) / sb], 1)
-    nearest = torch.cdist(w, tw).argmin(1)
+    nearest = torch.cdist(_weight_rows(a, b, sa, sb), _weight_rows(a_t, b_t, sa, sb)).argmin(1)
     return {"relative_error": float(rel), "nearest_group_accuracy": float((nearest == labels).float().mean())}
 
 
@@ -169,7 +171,7 @@ def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int =
     a_u, b_u = table.a_units, table.b_units
     unit_rank = a_u.shape[2]
     sa, sb = a_u.std().clamp_min(1e-12), b_u.std().clamp_min(1e-12)
-    units = torch.cat([a_u.flatten(1) / sa, b_u.flatten(1) / sb], 1)  # one row per fitted part
+    units = _weight_rows(a_u, b_u, sa, sb)  # one row per fitted part
     device = next(model.parameters()).device
     hits = None
     for i in range(0, len(data.index), batch_size):
@@ -182,8 +184,7 @@ def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int =
             hits = [0] * slots
         for j in range(slots):
             cols = slice(j * unit_rank, (j + 1) * unit_rank)
-            w = torch.cat([a[:, :, cols].flatten(1) / sa, b[..., cols].flatten(1) / sb], 1)
-            nearest = torch.cdist(w, units).argmin(1).tolist()
+            nearest = torch.cdist(_weight_rows(a[:, :, cols], b[..., cols], sa, sb), units).argmin(1).tolist()
             hits[j] += sum(table.units[n] == p[j] for n, p in zip(nearest, parts))
     return [h / max(1, len(data.index)) for h in hits or []]
 
