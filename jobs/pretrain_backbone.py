@@ -69,18 +69,22 @@ def main(argv=None) -> int:
         print(f"{a.out} already holds a pretrained backbone ({REPORT_NAME}); --force to redo")
         return 0
     start = time.perf_counter()
+    if a.vae_steps <= 0 and not a.init:
+        print("error: --vae-steps 0 keeps the VAE of --init; without --init the VAE must be trained", file=sys.stderr)
+        return 2
     pipe, labels = None, None
     if a.effects:
         from video2lora.effects import resolve_effects
 
-        labels = resolve_effects(a.effects)
+        try:
+            labels = resolve_effects(a.effects)
+        except ValueError as e:  # names the unknown label
+            print(f"error: --effects: {e}", file=sys.stderr)
+            return 2
     if a.init:
         from video2lora.backbones import Backbone
 
         pipe = Backbone.from_pretrained(a.init, device="cpu", dtype=torch.float32).pipe
-    if a.vae_steps <= 0 and not a.init:
-        print("error: --vae-steps 0 keeps the VAE of --init; without --init the VAE must be trained", file=sys.stderr)
-        return 2
     pipe, report = pretrain(
         a.preset, seed=a.seed, clips_per_label=a.clips_per_label, vae_steps=a.vae_steps, vae_batch=a.vae_batch,
         vae_lr=a.vae_lr, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, device=a.device, eval_clips_per_label=a.eval_clips_per_label,
