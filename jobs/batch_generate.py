@@ -18,9 +18,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import defaults  # noqa: E402
-from pipelines.batch import SetupError, TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
-from pipelines.manifest import ManifestError  # noqa: E402
-from video2lora.config import BatchJobConfig, GenerationConfig  # noqa: E402
+from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
+from pipelines.common import ManifestError, SetupError, init_ray  # noqa: E402
+from pipelines.config import BatchJobConfig  # noqa: E402
+from video2lora.config import GenerationConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,10 +77,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
     cfg = config_from_args(a)
-    import ray
-
-    if a.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=a.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+    init_ray(a.ray_address, log_to_driver=False)
     try:
         summary = run_batch_job(a.manifest, cfg, progress=not a.quiet)
     except (ManifestError, SetupError) as e:  # a bad manifest, checkpoint or backbone: refused before any work

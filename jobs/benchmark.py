@@ -364,7 +364,8 @@ def pipeline_run(ctx: Context, manifest: str, s: dict, actors: int, tag: str) ->
     import ray
 
     from pipelines.batch import run_batch_job
-    from video2lora.config import BatchJobConfig, GenerationConfig
+    from pipelines.config import BatchJobConfig
+    from video2lora.config import GenerationConfig
 
     a = ctx.args
     out = os.path.join(ctx.work, "batch_out", tag)
@@ -502,7 +503,8 @@ def bench_training(ctx: Context) -> dict:
     try:
         import ray
 
-        from pipelines.prepare import prepare, write_training_clips
+        from pipelines.prepare import prepare
+        from video2lora.effects.dataset import write_training_clips
         from pipelines.train import TrainJobConfig, run_training
         from video2lora.config import TrainConfig
     except Exception as e:  # noqa: BLE001 - the training job is optional for this benchmark
@@ -558,32 +560,14 @@ def not_measured(item, reason: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def init_ray(a: argparse.Namespace):
-    import ray
+def start_ray(a: argparse.Namespace):
+    from pipelines.common import init_ray
 
-    if ray.is_initialized():
-        return
-    address = a.ray_address or os.environ.get("RAY_ADDRESS")
-    path = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x)
-    runtime_env = {"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}}
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-    else:  # always a fresh local instance of our own, never a cluster some other process started here
-        for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s node start-up deadline
-            try:
-                # more worker processes than CPUs (the stage actors + task workers) is normal on a small machine:
-                # keep idle task workers alive instead of killing them and paying a fresh process (imports) later
-                ray.init(address="local", num_cpus=a.ray_cpus or os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False, runtime_env=runtime_env,
-                         _system_config={"num_workers_soft_limit": 4 * (a.ray_cpus or os.cpu_count() or 1)})
-                break
-            except Exception:  # noqa: BLE001
-                if attempt == 2:
-                    raise
-                logger.warning("local Ray did not start (attempt %d), retrying:\n%s", attempt + 1,
-                               traceback.format_exc(limit=1))
-                ray.shutdown()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    cpus = a.ray_cpus or os.cpu_count() or 1
+    # more worker processes than CPUs (the stage actors + task workers) is normal on a small machine: keep idle
+    # task workers alive instead of killing them and paying a fresh process (imports) later
+    init_ray(a.ray_address, num_cpus=cpus, log_to_driver=False, include_dashboard=False,
+             env_vars={"RAY_AUTH_MODE": "disabled"}, system_config={"num_workers_soft_limit": 4 * cpus}, attempts=3)
 
 
 def render_markdown(report: dict) -> str:
@@ -654,7 +638,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 if item in ("1", "5"):
-                    init_ray(a)
+                    start_ray(a)
                 out = fn(ctx)
             except Exception:  # noqa: BLE001 - report it, run the other items
                 report["errors"][item] = traceback.format_exc()

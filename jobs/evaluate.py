@@ -11,11 +11,11 @@ row with the same frozen backbone, seed and sampler:
 * `video2lora`: the hypernetwork reads the reference and predicts its LoRA (through the Ray batch pipeline,
   `pipelines/batch.py`, exactly as `jobs/batch_generate.py` runs it);
 * `no_lora`: the backbone alone (the same pipeline run, rows with lora_strength 0);
-* `per_effect_lora`: one ordinary LoRA trained per effect on that effect's clips (`video2lora.baselines`), the
+* `per_effect_lora`: one ordinary LoRA trained per effect on that effect's clips (`video2lora.effects.baselines`), the
   per-effect approach that Video2LoRA replaces (generated through the library, same sampler and seeds).
 
 The judge does not trust the model under test: an effect classifier trained on real dataset clips
-(`video2lora.effect_classifier`) labels every generated video. Effect accuracy = how often the generated video is
+(`video2lora.effects.judge`) labels every generated video. Effect accuracy = how often the generated video is
 classified as the reference's effect; content fidelity = how often its shape / colour / background heads match
 the prompt (mean of the three). Output: `table.md` (printed), `results.json` (every row), and a contact sheet per
 effect in `sheets/` (reference next to the generated frames of each method) so a person can look.
@@ -63,7 +63,7 @@ def load_clips(manifest_uri: str, num_frames: int = 9, size: int = 32):
 def train_judge(train_manifest: str, test_manifest: str, out: str, epochs: int = 15, seed: int = 0) -> dict:
     """Train the effect classifier on real clips (mp4, every effect and the static class), report its accuracy on
     real held-out clips, save it (safetensors) with `report.json`."""
-    from video2lora import effect_classifier as ec
+    from video2lora.effects import judge as ec
     from video2lora import storage
 
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def train_judge(train_manifest: str, test_manifest: str, out: str, epochs: int =
 # --------------------------------------------------------------------------------------------- the rows
 def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]:
     """Fresh references per effect and, for each, a prompt of a fresh *other* scene. Writes refs/*.mp4."""
-    from video2lora import effects as fx
+    from video2lora.effects import world as fx
     from video2lora.video_io import write_video
 
     os.makedirs(os.path.join(out, "refs"), exist_ok=True)
@@ -109,10 +109,11 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
 def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance) -> dict:
     """video2lora + no_lora rows through the Ray batch pipeline (one job; strength 0 = the bare backbone)."""
     import pandas as pd
-    import ray
 
     from pipelines.batch import apply_backbone_defaults, run_batch_job
-    from video2lora.config import BatchJobConfig, GenerationConfig
+    from pipelines.common import init_ray
+    from pipelines.config import BatchJobConfig
+    from video2lora.config import GenerationConfig
 
     manifest = []
     for r in rows:
@@ -130,11 +131,7 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     cfg = BatchJobConfig(backbone=backbone, checkpoint=checkpoint, output=os.path.join(out, "gen"), generation=g,
                          batch_size=batch_size, hyper_batch_size=batch_size)
     cfg = apply_backbone_defaults(cfg, explicit)
-    if not ray.is_initialized():  # our own local instance (never someone else's cluster found on this machine)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, log_to_driver=False, include_dashboard=False) if address == "local" else ray.init(address=address)
+    init_ray(log_to_driver=False, include_dashboard=False)
     summary = run_batch_job(path, cfg, progress=True)
     if summary["failed"]:  # a table over the rows that happened to work would mislead: stop, naming the cause
         failed = pd.read_parquet(summary["results_uri"]).query("status == 'failed'")
@@ -148,7 +145,7 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
 def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int) -> None:
     """per_effect_lora rows through the library: the same backbone, sampler, seeds and settings."""
     from video2lora.backbones import Backbone
-    from video2lora.baselines import PerEffectLoRAs
+    from video2lora.effects.baselines import PerEffectLoRAs
     from video2lora.lightlora import inject_lightlora, per_sample_loras
     from video2lora.video_io import write_video
 
@@ -172,8 +169,8 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
 
 # --------------------------------------------------------------------------------------------- scoring
 def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict]:
-    from video2lora import effect_classifier as ec
-    from video2lora.effects import effect_factors
+    from video2lora.effects import judge as ec
+    from video2lora.effects.world import effect_factors
     from video2lora.video_io import read_video
 
     judge = ec.load(classifier_uri)
@@ -295,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(a: argparse.Namespace) -> dict:
-    from video2lora import effects as fx
+    from video2lora.effects import world as fx
     from video2lora import storage
 
     start = time.perf_counter()

@@ -20,16 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-# transformer/config.json of THUDM/CogVideoX-5b-I2V (dimensions only)
-COGVIDEOX_5B_I2V = dict(
-    num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=512,
-    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
-    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
-    use_learned_positional_embeddings=True,
-)
-TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=32,
-            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-            max_text_seq_length=16, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
+from video2lora.presets import get_preset  # noqa: E402
 
 
 def timed(fn, device, warmup=1, iters=3):
@@ -72,7 +63,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = TINY if args.tiny else COGVIDEOX_5B_I2V
+    cfg = get_preset("tiny-cogvideox-i2v" if args.tiny else "cogvideox-5b").transformer
     frames, h, w = (3, 8, 8) if args.tiny else (13, 60, 90)  # latent grid of 49 frames at 480x720
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "config": "tiny" if args.tiny else "CogVideoX-5b-I2V", "latent_grid": [frames, h, w]}

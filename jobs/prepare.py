@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
     from pipelines import defaults
-    from pipelines.prepare import ManifestError, demo_training_manifest, init_ray, prepare
+    from pipelines.common import ManifestError, init_ray
+    from pipelines.prepare import prepare
+    from video2lora.effects.dataset import demo_training_manifest
 
     manifest = a.manifest or demo_training_manifest(seed=a.seed)
     backbone = a.backbone or defaults.tiny_backbone()

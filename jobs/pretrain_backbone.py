@@ -20,19 +20,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from video2lora.presets import EFFECTS_GENERATION  # noqa: E402
+
 REPORT_NAME = "pretrain_report.json"
-GENERATION = {"num_frames": 9, "height": 32, "width": 32, "steps": 25, "guidance_scale": 4.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/effects/backbone", help="output diffusers pipeline directory")
-    p.add_argument("--preset", default="effects-cogvideox", help="video2lora.tiny preset to start from")
+    p.add_argument("--preset", default="effects-cogvideox", help="video2lora.presets preset to start from")
     p.add_argument("--init", default=None,
                    help="continue from this pretrained backbone (path or URL) instead of random weights; with "
                         "--vae-steps 0 its VAE and scaling factor are kept")
     p.add_argument("--effects", default=None,
-                   help="labels to render (video2lora.effects.resolve_effects): default the single effects and "
+                   help="labels to render (video2lora.effects.world.resolve_effects): default the single effects and "
                         "the static class; 'combo-world' adds the motion+look compounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips-per-label", type=int, default=200, help="rendered clips per effect (and the static class)")
@@ -47,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dit-minutes", type=float, default=None, help="stop DiT training after this many minutes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--steps", type=int, default=GENERATION["steps"], help="default denoising steps written for the backbone")
-    p.add_argument("--guidance-scale", type=float, default=GENERATION["guidance_scale"])
+    p.add_argument("--steps", type=int, default=EFFECTS_GENERATION["steps"], help="default denoising steps written for the backbone")
+    p.add_argument("--guidance-scale", type=float, default=EFFECTS_GENERATION["guidance_scale"])
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--force", action="store_true", help="pretrain again even if --out holds a finished backbone")
     return p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
 
-    from video2lora.pretrain import pretrain, save_backbone
+    from video2lora.effects.pretrain import pretrain, save_backbone
 
     torch.set_num_threads(a.threads)
     if a.device.startswith("cuda"):
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         return 2
     pipe, labels = None, None
     if a.effects:
-        from video2lora.effects import resolve_effects
+        from video2lora.effects.world import resolve_effects
 
         try:
             labels = resolve_effects(a.effects)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         log_every=a.log_every, vae_time_budget_s=a.vae_minutes * 60 if a.vae_minutes else None,
         dit_time_budget_s=a.dit_minutes * 60 if a.dit_minutes else None, pipe=pipe, labels=labels,
     )
-    gen = dict(GENERATION, steps=a.steps, guidance_scale=a.guidance_scale)
+    gen = dict(EFFECTS_GENERATION, steps=a.steps, guidance_scale=a.guidance_scale)
     save_backbone(pipe, a.out, gen)
     report.update(args=vars(a), generation_defaults=gen, wall_s=time.perf_counter() - start)
     if a.init:

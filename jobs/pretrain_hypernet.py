@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for
     from video2lora.training import PREPARED_NAME, PreparedData
-    from video2lora.warmstart import (effect_losses, fit_lora_tables, hypernet_weights, part_accuracy, regress_hypernet,
+    from video2lora.training.warmstart import (effect_losses, fit_lora_tables, hypernet_weights, part_accuracy, regress_hypernet,
                                       table_weights)
 
     if a.threads:
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
             print(f"error: {storage.redact(prepared)} is not a complete preparation; give --manifest to prepare into it",
                   file=sys.stderr)
             return 2
-        from pipelines.prepare import ManifestError, init_ray, resolve_prepared
+        from pipelines.common import ManifestError, init_ray
+        from pipelines.prepare import resolve_prepared
 
         init_ray(a.ray_address)
         try:
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
           f"{model.num_parameters()['hypernetwork']:,} params", flush=True)
     parts_of = None
     if a.factorise:  # refuse labels that do not split, before any training
-        from video2lora.effects import effect_factors
-        from video2lora.warmstart import check_factorisation
+        from video2lora.effects.world import effect_factors
+        from video2lora.training.warmstart import check_factorisation
 
         parts_of = effect_factors
         try:

@@ -7,7 +7,7 @@
 
 `--world combo`: the effects are compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on
 35 of the 42 and is tested on 7 it never saw, each made of a motion and a look it saw with other partners
-(video2lora.effects.COMBO_HELDOUT). The backbone learns every single effect and compound (57 labels), from scratch
+(video2lora.effects.world.COMBO_HELDOUT). The backbone learns every single effect and compound (57 labels), from scratch
 or continuing from a single-world backbone (`--init-backbone outputs/effects/backbone`, VAE kept: how the shipped
 one was made); the judge learns all 57 labels.
 
@@ -25,7 +25,7 @@ Stages (each is skipped when its output is already there, so a rerun resumes; `-
 6. train      jobs/train.py --init-checkpoint (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux
               matrices, end to end with the diffusion loss, on the training effects only, references paired by
               effect as in the paper;
-7. baselines  video2lora.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
+7. baselines  video2lora.effects.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
 8. evaluate   jobs/evaluate.py: the table (seen / held-out x video2lora / no LoRA / per-effect LoRA) and a
               contact sheet per effect.
 
@@ -96,7 +96,7 @@ def run(cmd: list[str], env=None) -> None:
 def world_labels(a) -> tuple[str, str, str]:
     """(the hypernetwork's effects, every label of the world, the evaluated effects) as video2lora.effects set
     names or comma-separated lists."""
-    from video2lora.effects import ALL_LABELS
+    from video2lora.effects.world import ALL_LABELS
 
     return ("combo", "combo-world", "combo-eval") if a.world == "combo" else ("all", ",".join(ALL_LABELS), "all")
 
@@ -185,7 +185,7 @@ def stage_baselines(a, paths) -> None:
     import torch
 
     from video2lora.backbones import Backbone
-    from video2lora.baselines import train_per_effect_loras
+    from video2lora.effects.baselines import train_per_effect_loras
     from video2lora.hypernet import Video2LoRAModel
     from video2lora.training import PreparedData
 
@@ -195,7 +195,7 @@ def stage_baselines(a, paths) -> None:
     targets = backbone.lora_targets  # the layers the hypernetwork adapts (its checkpoint says which, if there)
     if os.path.exists(os.path.join(paths["checkpoint"], "config.json")):
         targets = Video2LoRAModel.from_pretrained(paths["checkpoint"]).config.lora.target_modules
-    from video2lora.effects import resolve_effects
+    from video2lora.effects.world import resolve_effects
 
     effects = resolve_effects(world_labels(a)[2])  # the evaluated ones (all 14 single effects; 14 of 42 compounds)
     model, history = train_per_effect_loras(backbone, data, effects=effects, target_modules=targets, rank=a.baseline_rank,

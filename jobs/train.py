@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_job(a: argparse.Namespace):
     from pipelines import defaults
-    from pipelines.prepare import demo_training_manifest
+    from video2lora.effects.dataset import demo_training_manifest
     from pipelines.train import TrainJobConfig, parse_model_overrides
 
     overrides = parse_model_overrides(a.model_config)  # first: a typo fails before anything is rendered or loaded
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
-    from pipelines.prepare import ManifestError, init_ray, resolve_prepared
+    from pipelines.common import ManifestError, init_ray
+    from pipelines.prepare import resolve_prepared
     from pipelines.train import run_training
     from video2lora import storage
 

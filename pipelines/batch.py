@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from video2lora.config import BatchJobConfig
+from pipelines.common import SetupError, error_text, frames_to_uint8, init_ray, uint8_to_frames
+from pipelines.config import BatchJobConfig
 from video2lora.storage import (
     content_hash, exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic,
 )
@@ -29,18 +30,6 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "results.parquet"
 RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
                   "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker"]
-
-
-def _err(e: BaseException) -> str:
-    return redact(f"{type(e).__name__}: {e}")[:2000]
-
-
-def _frames_to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def _uint8_to_frames(buf: bytes, shape) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(shape).astype(np.float32)) / 127.5 - 1
 
 
 # --- stage 1: fetch and decode (CPU tasks) ---
@@ -60,13 +49,13 @@ def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
             data = read_bytes(row["reference_uri"], max_bytes=cfg.max_reference_bytes)
             rec["reference_hash"] = content_hash(data)
             ref = decode_video(data, row["reference_uri"], g.num_frames, g.height, g.width)
-            rec["ref_pixels"] = _frames_to_uint8(ref).tobytes()
+            rec["ref_pixels"] = frames_to_uint8(ref).tobytes()
             if row["image_uri"]:
                 img = decode_image(read_bytes(row["image_uri"], max_bytes=cfg.max_reference_bytes),
                                    row["image_uri"], settings["height"], settings["width"])
-                rec["image_pixels"] = _frames_to_uint8(img).tobytes()
+                rec["image_pixels"] = frames_to_uint8(img).tobytes()
         except Exception as e:  # noqa: BLE001 - every failure of a row is recorded, never fatal
-            rec.update(status="failed", error=_err(e), ref_pixels=b"")
+            rec.update(status="failed", error=error_text(e), ref_pixels=b"")
         rec["t_fetch_s"] = time.perf_counter() - start
         out.append(rec)
     return pd.DataFrame(out)
@@ -105,14 +94,14 @@ class HypernetStage:
                 todo[r["reference_hash"]], first[r["reference_hash"]] = r["ref_pixels"], i
         if todo:
             try:
-                refs = [_uint8_to_frames(b, self.ref_shape) for b in todo.values()]
+                refs = [uint8_to_frames(b, self.ref_shape) for b in todo.values()]
                 loras = self.generator.predict_loras(refs, batch_size=self.cfg.hyper_batch_size)
                 for h, lora in zip(todo, loras):
                     self.cache[h] = (lora.a_pred.numpy(), lora.b_pred.numpy())
             except Exception as e:  # noqa: BLE001
                 for r in rows:
                     if r["reference_hash"] in todo:
-                        r.update(status="failed", error=_err(e))
+                        r.update(status="failed", error=error_text(e))
         while len(self.cache) > 4096:
             self.cache.popitem(last=False)
         elapsed = (time.perf_counter() - start) / max(len(rows), 1)
@@ -156,7 +145,7 @@ class GenerateStage:
         s = json.loads(r["settings"])
         image = None
         if r["image_pixels"]:
-            image = _uint8_to_frames(r["image_pixels"], (3, s["height"], s["width"]))
+            image = uint8_to_frames(r["image_pixels"], (3, s["height"], s["width"]))
         lora = PredictedLoRA(torch.from_numpy(np.frombuffer(r["lora_a"], np.float32).reshape(self.a_shape).copy()),
                              torch.from_numpy(np.frombuffer(r["lora_b"], np.float32).reshape(self.b_shape).copy()))
         return GenerationRequest(prompt=s["prompt"], lora=lora, image=image, negative_prompt=s["negative_prompt"],
@@ -190,7 +179,7 @@ class GenerateStage:
                 if self.generator.backbone.is_i2v and not r["image_pixels"]:
                     raise ValueError("the image-to-video backbone needs image_uri (a first frame) for this row")
             except ValueError as e:
-                r.update(status="failed", error=_err(e))
+                r.update(status="failed", error=error_text(e))
                 continue
             key = (s["num_frames"], s["height"], s["width"], s["steps"], s["guidance_scale"])
             groups.setdefault(key, []).append(r)
@@ -204,20 +193,20 @@ class GenerateStage:
                     try:
                         videos += self._generate([r], key)
                     except Exception as e:  # noqa: BLE001
-                        r.update(status="failed", error=_err(e))
+                        r.update(status="failed", error=error_text(e))
                         videos.append(None)
             per_row = (time.perf_counter() - start) / len(group)
             for r, v in zip(group, videos):
                 r["t_generate_s"] = per_row
                 if v is None:
                     continue
-                r["video"] = _frames_to_uint8(v).tobytes()
+                r["video"] = frames_to_uint8(v).tobytes()
                 r["video_shape"] = ",".join(map(str, v.shape))
                 if self.cfg.export_loras:  # only rows that made a video get a LoRA file
                     try:
                         r["lora_uri"] = self._export(r)
                     except Exception as e:  # noqa: BLE001
-                        r.update(status="failed", error=_err(e), video=b"")
+                        r.update(status="failed", error=error_text(e), video=b"")
         for r in rows:
             r.pop("lora_a", None), r.pop("lora_b", None), r.pop("image_pixels", None)
         return pd.DataFrame(rows)
@@ -235,12 +224,12 @@ def write_videos(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
         if r["status"] == "pending":
             try:
                 shape = tuple(int(x) for x in r["video_shape"].split(","))
-                frames = _uint8_to_frames(r["video"], shape)
+                frames = uint8_to_frames(r["video"], shape)
                 uri = safe_child(join(cfg.output, "videos"), f"{r['sample_id']}.mp4")
                 write_bytes_atomic(uri, encode_video(frames, fps=cfg.generation.fps))
                 r.update(status="ok", output_uri=uri)
             except Exception as e:  # noqa: BLE001
-                r.update(status="failed", error=_err(e))
+                r.update(status="failed", error=error_text(e))
         r["t_write_s"] = time.perf_counter() - start
         rec = {c: r.get(c) for c in RESULT_COLUMNS}
         if rec["status"] == "ok":  # a sidecar per finished row: results survive a killed driver
@@ -301,10 +290,6 @@ class TooManyFailures(RuntimeError):
     pass
 
 
-class SetupError(ValueError):
-    """The checkpoint or the backbone cannot be used; raised on the driver before any Ray work starts."""
-
-
 def check_artifacts(cfg: BatchJobConfig) -> None:
     """Load the checkpoint once on the driver (safetensors and config only: a pickle is refused, never unpickled)
     and check that the backbone is a pipeline directory, so a bad --checkpoint or --backbone fails at once with
@@ -318,7 +303,7 @@ def check_artifacts(cfg: BatchJobConfig) -> None:
     try:
         Video2LoRAModel.from_pretrained(cfg.checkpoint)
     except Exception as e:  # noqa: BLE001 - whatever the reason, the job cannot start
-        raise SetupError(f"--checkpoint {redact(cfg.checkpoint)} cannot be used: {_err(e)}") from None
+        raise SetupError(f"--checkpoint {redact(cfg.checkpoint)} cannot be used: {error_text(e)}") from None
 
 
 def _remove_partial_writes(output: str) -> None:
@@ -352,7 +337,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
                 safe_child(cfg.output, name)
             settings = row_settings(row, dataclasses.asdict(cfg.generation))
         except ValueError as e:
-            results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed", "error": _err(e)}
+            results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed", "error": error_text(e)}
             continue
         todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
                      "settings": json.dumps(settings)})
@@ -363,10 +348,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
 
-    if not ray.is_initialized():
-        # the job's cluster (`ray job submit` sets RAY_ADDRESS), else a fresh local instance: never whatever cluster
-        # address a `ray start` once left in /tmp/ray (a stale one makes ray.init wait for a GCS that is gone)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    init_ray(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
@@ -439,7 +421,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
 def apply_backbone_defaults(cfg: BatchJobConfig, explicit: set[str] = frozenset()) -> BatchJobConfig:
     """Take the generation settings a backbone dir carries (generation_defaults.json, e.g. the tiny models'
     size) for every field the user did not set explicitly."""
-    from video2lora.tiny import DEFAULTS_NAME
+    from video2lora.presets import DEFAULTS_NAME
 
     uri = join(cfg.backbone, DEFAULTS_NAME)
     values = json.loads(read_bytes(uri)) if exists(uri) else {}

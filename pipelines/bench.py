@@ -20,44 +20,17 @@ from typing import Callable
 
 import torch
 
-# the "small" preset: the tiny models' VAE and text encoder, a DiT big enough that denoising dominates a row as it
-# does at full size (CogVideoX-5b on an H200: VAE decode 3.4 s against 50 steps x 1.9 s of denoising)
-SMALL_GENERATION = {"num_frames": 17, "height": 32, "width": 32, "steps": 50, "guidance_scale": 6.0}  # the paper's 50 steps
-PRESETS = ("tiny", "small")
-
-
-def small_cogvideox(seed: int = 0):
-    """CogVideoX text-to-video at benchmark size: DiT of 6 blocks x width 384 (12.6 M parameters) over 17x32x32
-    clips (5 latent frames of 8x8, 80 video tokens + 16 text tokens); VAE and T5 as small as the tiny preset's."""
-    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
-
-    from video2lora.tiny import cogvideox_scheduler, tiny_cogvideox_vae, tiny_t5, tiny_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    text_encoder = tiny_t5(tokenizer, d_model=64, d_kv=32, d_ff=128, num_heads=2)
-    vae = tiny_cogvideox_vae((8, 16, 16), latent_channels=4, temporal_compression=4)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=64,
-        text_embed_dim=64, num_layers=6, sample_width=8, sample_height=8, sample_frames=17, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
-    )
-    scheduler = cogvideox_scheduler()
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+PRESETS = ("tiny", "small")  # benchmark names of video2lora.presets' tiny-cogvideox and small-cogvideox
 
 
 def save_backbone(preset: str, directory: str, seed: int = 0) -> tuple[str, dict]:
     """Build a seeded preset as a diffusers pipeline directory; returns (directory, its generation settings)."""
-    from video2lora.tiny import TINY_GENERATION, save_tiny, write_generation_defaults
+    from video2lora.presets import get_preset, save_preset
 
-    if preset == "tiny":
-        return save_tiny("tiny-cogvideox", directory, seed=seed), dict(TINY_GENERATION)
-    if preset == "small":
-        small_cogvideox(seed).save_pretrained(directory, safe_serialization=True)
-        write_generation_defaults(directory, SMALL_GENERATION)
-        return directory, dict(SMALL_GENERATION)
-    raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    name = f"{preset}-cogvideox"
+    return save_preset(name, directory, seed=seed), dict(get_preset(name).generation)
 
 
 def save_checkpoint(backbone_dir: str, directory: str, seed: int = 0, head_std: float = 0.05) -> str:

@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from pipelines.common import ManifestError
 from video2lora.storage import fs_and_path, has_credentials, redact
 
 REQUIRED = {"sample_id": "string", "reference_uri": "string", "prompt": "string"}
@@ -28,10 +29,6 @@ MAX_PROMPT_CHARS = 2000
 MAX_VIDEO_PIXELS = 4 * 81 * 720 * 1280
 LIMITS = {"num_frames": (1, 1025), "height": (8, 4096), "width": (8, 4096), "steps": (1, 1000),
           "guidance_scale": (0.0, 100.0), "lora_strength": (0.0, 10.0), "seed": (0, 2**63 - 1)}
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole is unusable; raised before any work starts."""
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:

@@ -18,10 +18,10 @@ import posixpath
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.common import ManifestError, error_text, frames_to_uint8, uint8_to_frames
 from video2lora import storage
 from video2lora.training import (
     EMPTY_PROMPT_NAME, ERRORS_NAME, INDEX_NAME, PREPARED_FORMAT, PREPARED_NAME, SHARDS_DIR, prepared_key, tensor_key,
@@ -31,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 REQUIRED = ("clip_id", "video_uri", "prompt", "effect")
 OPTIONAL = ("image_uri", "split")
-
-
-class ManifestError(ValueError):
-    """The training manifest as a whole is unusable."""
 
 
 @dataclass
@@ -136,18 +132,6 @@ def absolute(uri: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- stages
-def _err(e: BaseException) -> str:
-    return storage.redact(f"{type(e).__name__}: {e}")[:2000]
-
-
-def _to_uint8(x: torch.Tensor) -> bytes:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
-
-
-def _from_uint8(buf: bytes, shape) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(shape).astype(np.float32)) / 127.5 - 1
-
-
 def decode_clips(batch: pd.DataFrame, num_frames: int, height: int, width: int) -> pd.DataFrame:
     """CPU stage: clip -> uint8 pixels (3, F, H, W) and first frame (3, H, W). A bad clip gets `error`, never raises."""
     from video2lora.video_io import read_image, read_video
@@ -159,9 +143,9 @@ def decode_clips(batch: pd.DataFrame, num_frames: int, height: int, width: int) 
         try:
             video = read_video(row["video_uri"], num_frames, height, width)
             image = read_image(row["image_uri"], height, width) if row.get("image_uri") else video[:, 0]
-            rec["pixels"], rec["image"] = _to_uint8(video), _to_uint8(image)
+            rec["pixels"], rec["image"] = frames_to_uint8(video).tobytes(), frames_to_uint8(image).tobytes()
         except Exception as e:  # recorded per clip
-            rec["error"] = _err(e)
+            rec["error"] = error_text(e)
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -204,9 +188,9 @@ class EncodeClips:
                     try:
                         enc += self._encode([r], f, h, w)
                     except Exception as e1:
-                        r["error"] = _err(e1)
+                        r["error"] = error_text(e1)
                         enc.append(None)
-                logger.warning("encoding a chunk failed (%s); encoded its clips one by one", _err(e))
+                logger.warning("encoding a chunk failed (%s); encoded its clips one by one", error_text(e))
             for r, e in zip(chunk, enc):
                 if e is not None:
                     for name, t in e.items():
@@ -224,13 +208,13 @@ class EncodeClips:
     @torch.no_grad()
     def _encode(self, rows: list[dict], f: int, h: int, w: int) -> list[dict[str, torch.Tensor]]:
         bb = self.backbone
-        pixels = torch.stack([_from_uint8(r["pixels"], (3, f, h, w)) for r in rows])
+        pixels = torch.stack([uint8_to_frames(r["pixels"], (3, f, h, w)) for r in rows])
         latents = bb.encode_video(pixels, generator=None)  # the mean: deterministic
         embeds = bb.encode_prompts([r["prompt"] for r in rows])
         out = [{"latents": latents[i].float().cpu().contiguous(), "prompt_embeds": embeds[i].float().cpu().contiguous()}
                for i in range(len(rows))]
         if bb.is_i2v:
-            images = torch.stack([_from_uint8(r["image"], (3, h, w)) for r in rows])
+            images = torch.stack([uint8_to_frames(r["image"], (3, h, w)) for r in rows])
             image_latents = bb.encode_first_frames(images, latents.shape[2])
             for i, o in enumerate(out):
                 o["image_latents"] = image_latents[i].float().cpu().contiguous()
@@ -331,79 +315,3 @@ def resolve_prepared(prepared: str, manifest: str, backbone: str, **kwargs) -> P
 
 def result_dict(r: PrepareResult) -> dict:
     return asdict(r)
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to the job's cluster (`ray job submit`, RAY_ADDRESS, --ray-address), else start a local one. A local
-    or auto-connected run ships this checkout on the workers' PYTHONPATH, so they import `pipelines` wherever the
-    job was started from."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():  # the caller already chose (a test, a notebook)
-        return
-    # no address: a fresh local instance, never a cluster address a `ray start` once left in /tmp/ray ("auto" joins it)
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address not in ("local", "auto"):
-        ray.init(address=address)
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
-    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": path}})
-
-
-# --------------------------------------------------------------------------------------------- embedded default
-def write_training_clips(directory: str, seed: int = 0, clips_per_effect: int = 4, effects=None,
-                         num_frames: int = 9, size: int = 32) -> str:
-    """Render procedural effect clips (video2lora.effects) as mp4 + a training manifest `clips.parquet`
-    (clip_id, video_uri, prompt, effect, split). Returns the manifest path."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from video2lora.effects import TRAIN_EFFECTS, make_dataset
-    from video2lora.video_io import write_video
-
-    effects = list(effects) if effects is not None else list(TRAIN_EFFECTS[:4])
-    rows = []
-    for clip in make_dataset(seed, clips_per_effect, effects=effects, num_frames=num_frames, size=size):
-        name = f"{clip['clip_id']}.mp4"
-        write_video(storage.join(directory, name), torch.from_numpy(clip["video"]))
-        rows.append({"clip_id": clip["clip_id"], "video_uri": name, "prompt": clip["prompt"], "effect": clip["effect"],
-                     "split": "train"})
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    manifest = storage.join(directory, "clips.parquet")
-    storage.write_bytes_atomic(manifest, buf.getvalue())
-    return manifest
-
-
-def demo_training_manifest(seed: int = 0, clips_per_effect: int = 4) -> str:
-    """The embedded default's training set, rendered once into the cache: jobs/make_effects.py's writer if it is
-    there, else our own (same procedural effects)."""
-    import os
-
-    from pipelines import defaults
-
-    directory = defaults.cache_dir() / f"train-demo-seed{seed}-n{clips_per_effect}"
-    manifest = directory / "clips.parquet"
-    if (directory / ".complete").exists() and manifest.exists():
-        return str(manifest)
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import sys
-
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-        from make_effects import write_effects_dataset  # type: ignore
-
-        write_effects_dataset(str(directory), seed=seed, clips_per_effect=clips_per_effect, effects="train")
-        if not manifest.exists():
-            raise FileNotFoundError(manifest)
-        rows = read_training_manifest(str(manifest))
-        if not any(r["split"] == "train" for r in rows):
-            raise ValueError("no train rows")
-    except Exception as e:  # a missing or different helper: our own writer renders the same effects
-        logger.info("rendering the demo training clips ourselves (%s: %s)", type(e).__name__, e)
-        write_training_clips(str(directory), seed, clips_per_effect)
-    (directory / ".complete").touch()
-    return str(manifest)

@@ -62,16 +62,16 @@ def s3_server():
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
     """A tiny seeded CogVideoX text-to-video pipeline saved as a diffusers directory."""
-    from video2lora.tiny import save_tiny
+    from video2lora.presets import save_preset
 
-    return save_tiny("tiny-cogvideox", str(tmp_path_factory.mktemp("tiny-cogvideox")), seed=0)
+    return save_preset("tiny-cogvideox", str(tmp_path_factory.mktemp("tiny-cogvideox")), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_i2v_backbone_dir(tmp_path_factory):
-    from video2lora.tiny import save_tiny
+    from video2lora.presets import save_preset
 
-    return save_tiny("tiny-cogvideox-i2v", str(tmp_path_factory.mktemp("tiny-cogvideox-i2v")), seed=0)
+    return save_preset("tiny-cogvideox-i2v", str(tmp_path_factory.mktemp("tiny-cogvideox-i2v")), seed=0)
 
 
 def make_model(backbone, seed=0, head_std=0.05):

@@ -9,7 +9,8 @@ from conftest import save_model_for, write_clips
 
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job
 from pipelines.manifest import ManifestError, read_manifest
-from video2lora.config import BatchJobConfig, GenerationConfig
+from pipelines.config import BatchJobConfig
+from video2lora.config import GenerationConfig
 from video2lora.video_io import decode_video, encode_video, read_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

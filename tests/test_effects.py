@@ -1,4 +1,4 @@
-"""Procedural effects world (video2lora.effects), its classifier and the dataset writer job."""
+"""Procedural effects world (video2lora.effects.world), its classifier and the dataset writer job."""
 
 import itertools
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from video2lora import effects as fx
+from video2lora.effects import world as fx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +125,7 @@ def test_shapes_and_colours_differ():
 # ----------------------------------------------------------------------------- classifier
 @pytest.fixture(scope="module")
 def trained_classifier():
-    from video2lora import effect_classifier as ec
+    from video2lora.effects import judge as ec
 
     torch.set_num_threads(2)
     train = fx.make_dataset(100, 12)
@@ -136,7 +136,7 @@ def trained_classifier():
 
 
 def test_classifier_beats_chance_on_fresh_clips(trained_classifier):
-    from video2lora import effect_classifier as ec
+    from video2lora.effects import judge as ec
 
     test = fx.make_dataset(200, 5)
     acc = ec.evaluate_records(trained_classifier, test)
@@ -146,7 +146,7 @@ def test_classifier_beats_chance_on_fresh_clips(trained_classifier):
 
 
 def test_classifier_save_load_roundtrip(trained_classifier, tmp_path):
-    from video2lora import effect_classifier as ec
+    from video2lora.effects import judge as ec
 
     path = str(tmp_path / "clf")
     trained_classifier.save(path)
@@ -167,9 +167,11 @@ def test_classifier_save_load_roundtrip(trained_classifier, tmp_path):
 # ----------------------------------------------------------------------------- job
 def test_write_effects_dataset(tmp_path):
     pytest.importorskip("av")
+    from video2lora.effects.dataset import COLUMNS, write_effects_dataset
+
     sys.path.insert(0, os.path.join(ROOT, "jobs"))
     try:
-        from make_effects import COLUMNS, main, write_effects_dataset
+        from make_effects import main
     finally:
         sys.path.remove(os.path.join(ROOT, "jobs"))
     import pandas as pd

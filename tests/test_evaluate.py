@@ -27,7 +27,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_table_structure(quick_run):
-    from video2lora.effects import effect_parts
+    from video2lora.effects.world import effect_parts
 
     out, stdout, report = quick_run
     assert "| method | split | rows | effect accuracy | motion accuracy | look accuracy | content fidelity |" in stdout

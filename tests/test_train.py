@@ -82,7 +82,7 @@ def manifest(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.prepare import write_training_clips
+    from video2lora.effects.dataset import write_training_clips
 
     d = tmp_path_factory.mktemp("clips")
     path = write_training_clips(str(d), seed=5, clips_per_effect=CLIPS_PER_EFFECT, effects=EFFECTS)

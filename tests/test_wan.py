@@ -17,9 +17,9 @@ GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=3, guidance_scal
 
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
-    from video2lora.tiny import save_tiny
+    from video2lora.presets import save_preset
 
-    return save_tiny("tiny-wan", str(tmp_path_factory.mktemp("tiny-wan")), seed=0)
+    return save_preset("tiny-wan", str(tmp_path_factory.mktemp("tiny-wan")), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def generator(wan_dir):
 def test_tiny_wan_saves_and_loads_through_from_pretrained(wan_dir):
     from transformers import AutoTokenizer
 
-    from video2lora.wan import WanBackbone
+    from video2lora.backbones.wan import WanBackbone
 
     with open(f"{wan_dir}/model_index.json") as f:
         assert json.load(f)["_class_name"] == "WanPipeline"
@@ -170,7 +170,7 @@ def test_sizes_the_model_cannot_make_are_rejected(generator):
 
 
 def test_i2v_is_a_clear_error(generator):
-    from video2lora.wan import WanBackbone
+    from video2lora.backbones.wan import WanBackbone
 
     with pytest.raises(NotImplementedError, match="image-to-video"):
         WanBackbone(generator.backbone.pipe, "wan-i2v")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from video2lora import effects as fx
+from video2lora.effects import world as fx
 
 COMPOUNDS = ["spin+invert", "spin+fade_out", "zoom_in+invert"]  # zoom_in+fade_out: never fitted, made of fitted parts
 
@@ -40,7 +40,7 @@ def make_model(backbone, rank):
 
 
 def test_factorised_table_shares_parts_and_composes_unseen_compounds(backbone):
-    from video2lora.warmstart import fit_lora_tables, table_weights
+    from video2lora.training.warmstart import fit_lora_tables, table_weights
 
     data = in_memory_data(backbone, COMPOUNDS)
     model = make_model(backbone, rank=2)
@@ -63,7 +63,7 @@ def test_factorised_table_shares_parts_and_composes_unseen_compounds(backbone):
 
 
 def test_factorised_table_refuses_what_it_cannot_split(backbone):
-    from video2lora.warmstart import fit_lora_tables
+    from video2lora.training.warmstart import fit_lora_tables
 
     data = in_memory_data(backbone, COMPOUNDS, 1)
     with pytest.raises(ValueError, match="rank divisible"):  # two parts cannot share a rank-1 LoRA
@@ -78,7 +78,7 @@ def test_factorised_table_refuses_what_it_cannot_split(backbone):
 def test_part_accuracy_reads_each_slot(backbone, monkeypatch, rank):
     """A model predicting exactly the composed parts scores 1 on every slot, also on a compound never fitted;
     one predicting the parts in the wrong slots does not."""
-    from video2lora.warmstart import fit_lora_tables, part_accuracy
+    from video2lora.training.warmstart import fit_lora_tables, part_accuracy
 
     data = in_memory_data(backbone, COMPOUNDS, 1)
     model = make_model(backbone, rank=rank)
@@ -105,7 +105,7 @@ def test_part_accuracy_reads_each_slot(backbone, monkeypatch, rank):
 
 
 def test_factorisation_errors_name_the_label(backbone):
-    from video2lora.warmstart import check_factorisation, fit_lora_tables
+    from video2lora.training.warmstart import check_factorisation, fit_lora_tables
 
     # "invert" alone is (none, invert), "burst" is (burst, none): "none" would be a motion and a look at once
     with pytest.raises(ValueError, match="'none'"):

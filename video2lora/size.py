@@ -12,30 +12,22 @@ import torch
 
 from .config import LoRAConfig, Video2LoRAConfig
 from .hypernet import HyperNetwork
+from .presets import PRESETS, PUBLISHED
 
-# transformer/config.json of the published checkpoints: (blocks, heads, head_dim, latent channels)
-PUBLISHED = {
-    "cogvideox-5b": ("THUDM/CogVideoX-5b-I2V", 42, 48, 64, 16),
-    "cogvideox-5b-t2v": ("THUDM/CogVideoX-5b", 42, 48, 64, 16),
-    "cogvideox-2b": ("THUDM/CogVideoX-2b", 30, 30, 64, 16),
-    "wan2.1-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 30, 12, 128, 16),
-    "wan2.1-14b": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", 40, 40, 128, 16),
-}
 ARTIFACT_LIMIT = 150e6  # bytes: the paper's "under 150 MB"
 LORA_LIMIT = 50e3  # bytes: the paper's "under 50 KB"
 
 
 def published_layers(name: str) -> list[tuple[str, int, int]]:
-    _, blocks, heads, head_dim, _ = PUBLISHED[name]
-    dim = heads * head_dim
-    prefix, attn = ("blocks", "attn1") if name.startswith("wan") else ("transformer_blocks", "attn1")
-    return [(f"{prefix}.{b}.{attn}.{p}", dim, dim) for b in range(blocks) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    p = PRESETS[name]
+    prefix = "blocks" if p.family == "wan" else "transformer_blocks"
+    return [(f"{prefix}.{b}.attn1.{m}", p.width, p.width) for b in range(p.blocks) for m in ("to_q", "to_k", "to_v", "to_out.0")]
 
 
 def size_report(name: str, lora: LoRAConfig | None = None, bytes_per_float: int = 2) -> dict:
     if name not in PUBLISHED:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(PUBLISHED)}")
-    config = Video2LoRAConfig(lora=lora or LoRAConfig(), layers=published_layers(name), latent_channels=PUBLISHED[name][4])
+    config = Video2LoRAConfig(lora=lora or LoRAConfig(), layers=published_layers(name), latent_channels=PRESETS[name].latent_channels)
     with torch.device("meta"):  # count parameters without allocating them
         hyper = sum(p.numel() for p in HyperNetwork(config).parameters())
     lc = config.lora
@@ -43,7 +35,7 @@ def size_report(name: str, lora: LoRAConfig | None = None, bytes_per_float: int 
     per_video = len(config.layers) * lc.pred_size
     return {
         "model": name,
-        "source": PUBLISHED[name][0],
+        "source": PRESETS[name].source,
         "adapted_layers": len(config.layers),
         "hypernetwork_params": hyper,
         "aux_params": aux,

@@ -218,6 +218,11 @@ def remove(uri: str, recursive: bool = False) -> None:
         raise _fail("remove", uri, err) from None
 
 
+def default_cache_dir() -> str:
+    """Where remote backbones and built defaults are cached: $VIDEO2LORA_CACHE, else ~/.cache/video2lora."""
+    return os.environ.get("VIDEO2LORA_CACHE") or os.path.expanduser("~/.cache/video2lora")
+
+
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """Local path of a directory: local paths are returned as is, remote ones are downloaded once into a cache.
 
@@ -228,9 +233,9 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     fs, path = fs_and_path(uri)
     if _is_local(fs):
         return path
-    cache_dir = cache_dir or os.environ.get("VIDEO2LORA_CACHE") or os.path.expanduser("~/.cache/video2lora")
     root = path.rstrip("/")
-    target = os.path.join(cache_dir, f"{posixpath.basename(root)}-{content_hash(uri.rstrip('/').encode())[:16]}")
+    name = f"{posixpath.basename(root)}-{content_hash(uri.rstrip('/').encode())[:16]}"
+    target = os.path.join(cache_dir or default_cache_dir(), name)
     if os.path.exists(os.path.join(target, ".complete")):
         return target
 

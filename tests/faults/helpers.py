@@ -159,7 +159,8 @@ class FaultProxy:
 
 
 def job_config(backbone, checkpoint, output, **kw):
-    from video2lora.config import BatchJobConfig, GenerationConfig
+    from pipelines.config import BatchJobConfig
+    from video2lora.config import GenerationConfig
 
     kw = {"batch_size": 2, "actor_num_cpus": 0.25, "decode_num_cpus": 0.25, **kw}
     return BatchJobConfig(backbone=backbone, checkpoint=checkpoint, output=str(output), generation=GenerationConfig(**GEN), **kw)

@@ -22,7 +22,8 @@ CHECKPOINT_FILES = ["model", "rank-00000.safetensors", "rank-00001.safetensors",
 
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, tiny_backbone_dir, tmp_path_factory):
-    from pipelines.prepare import prepare, write_training_clips
+    from pipelines.prepare import prepare
+    from video2lora.effects.dataset import write_training_clips
 
     manifest = write_training_clips(str(tmp_path_factory.mktemp("train-clips")), seed=5, clips_per_effect=2, effects=EFFECTS)
     return prepare(manifest, tiny_backbone_dir, str(tmp_path_factory.mktemp("prepared"))).uri

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import effects as fx
+from . import world as fx
 
 __all__ = [
     "HEADS",
@@ -210,19 +210,19 @@ class EffectClassifier(nn.Module):
 
 # ---------------------------------------------------------------------- persistence
 def _join(path: str, name: str) -> str:
-    from . import storage
+    from .. import storage
 
     return storage.join(path, name)
 
 
 def _write_bytes(uri: str, data: bytes) -> None:
-    from . import storage
+    from .. import storage
 
     storage.write_bytes_atomic(uri, data)
 
 
 def _read_bytes(uri: str) -> bytes:
-    from . import storage
+    from .. import storage
 
     return storage.read_bytes(uri)
 

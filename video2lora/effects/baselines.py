@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
+from ..lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class PerEffectLoRAs(torch.nn.Module):
     def save(self, path: str) -> None:
         from safetensors.torch import save
 
-        from .storage import write_bytes_atomic
+        from ..storage import write_bytes_atomic
 
         tensors = {}
         for k, (d, u) in enumerate(zip(self.down, self.up)):
@@ -64,8 +64,8 @@ class PerEffectLoRAs(torch.nn.Module):
     def load(cls, path: str) -> "PerEffectLoRAs":
         import struct
 
-        from .hypernet import load_safetensors_bytes
-        from .storage import read_bytes
+        from ..hypernet import load_safetensors_bytes
+        from ..storage import read_bytes
 
         data = read_bytes(path)
         tensors = load_safetensors_bytes(data, path)
@@ -83,7 +83,7 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
                            steps: int = 600, batch_size: int = 16, lr: float = 2e-3, prompt_dropout: float = 0.1,
                            seed: int = 0, log_every: int = 50, time_budget_s: float | None = None):
     """Train one LoRA per effect on a prepared data set (`video2lora.training.PreparedData`, all splits)."""
-    from .training import prompt_dropout as drop_prompts
+    from ..training import prompt_dropout as drop_prompts
 
     effects = effects or sorted(set(data.effects))
     rows = [i for i, e in enumerate(data.effects) if e in effects]

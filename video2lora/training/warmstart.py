@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .training import PreparedData, batch_loss, prepare_backbone, prompt_dropout, stack_examples, step_seed
+from .data import PreparedData, stack_examples, step_seed
+from .loss import batch_loss, prepare_backbone, prompt_dropout
 
 logger = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ class ClipSet:
 
 def render_clips(seed: int, clips_per_label: int, labels=None, num_frames: int = 9, size: int = 32,
                  progress: bool = False) -> ClipSet:
-    """`clips_per_label` fresh scenes for every effect and the static class (video2lora.effects), in memory."""
-    from . import effects as fx
+    """`clips_per_label` fresh scenes for every effect and the static class (video2lora.effects.world), in memory."""
+    from . import world as fx
 
     labels = list(labels or fx.ALL_LABELS)
     pixels, prompts, names = [], [], []
@@ -265,7 +265,7 @@ def dit_eval_loss(backbone, latents: torch.Tensor, prompts: list[str], batch_siz
 
 def save_backbone(pipe, directory: str, generation_defaults: dict, dtype: torch.dtype = torch.float16) -> str:
     """Save the pretrained pipeline as a diffusers directory (weights in `dtype`, small) + generation_defaults."""
-    from .tiny import write_generation_defaults
+    from ..presets import write_generation_defaults
 
     pipe = copy.deepcopy(pipe).to("cpu")
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
@@ -293,11 +293,9 @@ def _drop_source_paths(directory: str) -> None:
 
 
 def new_pipeline(preset: str, seed: int = 0):
-    from .tiny import PRESETS
+    from ..presets import build_pipeline
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[preset](seed=seed)
+    return build_pipeline(preset, seed)
 
 
 def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_label: int = 200, vae_steps: int = 2000,
@@ -310,8 +308,8 @@ def pretrain(preset: str = "effects-cogvideox", *, seed: int = 0, clips_per_labe
     this pipeline instead of the preset's random weights; with `vae_steps=0` its VAE and scaling factor are
     kept (a backbone extended to new effects keeps the latent space its DiT was trained in).
     Returns (pipeline on `device`, report dict with PSNR, losses and timings)."""
-    from . import effects as fx
-    from .backbones import CogVideoXBackbone
+    from . import world as fx
+    from ..backbones import CogVideoXBackbone
 
     if vae_steps <= 0 and pipe is None:
         raise ValueError("vae_steps=0 keeps the VAE of a given pipeline (--init); a fresh preset needs VAE training")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backbones import WAN_TARGETS, Backbone
+from .base import WAN_TARGETS, Backbone
 
 # WanPipeline.__call__'s default text length (umt5-xxl); tiny models save a shorter tokenizer.model_max_length
 WAN_MAX_TEXT_LEN = 512
@@ -137,52 +137,3 @@ class WanBackbone(Backbone):
             return_dict=False,
         )[0]
         return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
-
-
-def tiny_wan(seed: int = 0, latent_channels: int = 4, text_len: int = 16):
-    """A Wan2.1 T2V pipeline with the real architecture at toy size: VAE 8x spatial / 4x temporal, patch
-    (1, 2, 2), so a 32x32 9-frame clip is 3 latent frames of 4x4 and 12 tokens."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from .tiny import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    tokenizer.model_max_length = text_len  # saved in tokenizer_config.json; WanBackbone pads prompts to it
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
-    g = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=latent_channels,
-        dim_mult=[1, 2, 2, 2],  # three 2x spatial downsamples: 8x, as scale_factor_spatial says
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],  # 4x temporal, as scale_factor_temporal says
-        latents_mean=(torch.randn(latent_channels, generator=g) * 0.2).tolist(),
-        latents_std=(0.5 + torch.rand(latent_channels, generator=g)).tolist(),
-        scale_factor_spatial=8,
-        scale_factor_temporal=4,
-    )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    # what the Wan2.1 checkpoints ship: UniPC on flow sigmas with a shift
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
-    )
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)

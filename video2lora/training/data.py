@@ -1,4 +1,4 @@
-"""Training pieces that know nothing about Ray or DeepSpeed.
+"""The prepared data and the order it is read in (no Ray, no DeepSpeed).
 
 * The prepared data format: what `pipelines/prepare.py` writes once per (manifest, backbone, clip size) and every
   training epoch reads -- VAE latents, prompt embeddings and first-frame latents as safetensors shards, an index,
@@ -7,30 +7,22 @@
   re-drawn every epoch from a seeded RNG, never the clip itself when its effect has other clips.
 * A deterministic schedule: global step -> (epoch, offset) -> the global batch of pairs; rank r of W takes rows
   [r*B, (r+1)*B). A plain loop with batch W*B therefore sees exactly the samples of a W-worker run.
-* The loss step: the hypernetwork predicts one LoRA per reference, the frozen backbone computes its scheduler's own
-  training loss on the target with those LoRAs applied, with classifier-free dropout of the prompt.
-* `train_single_process`: the plain single-process loop (the baseline and a test oracle), and the metrics table.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
-import math
 import struct
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import storage
-from .config import TrainConfig
-from .hypernet import load_safetensors_bytes
-from .lightlora import inject_lightlora, per_sample_loras
+from .. import storage
+from ..hypernet import load_safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +33,6 @@ ERRORS_NAME = "errors.parquet"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARDS_DIR = "shards"
 TENSOR_FIELDS = ("latents", "prompt_embeds", "image_latents")
-METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_s", "time_s")
 
 
 # --------------------------------------------------------------------------------------------- prepared data
@@ -212,7 +203,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(digest[:15], 16)
 
 
-# --------------------------------------------------------------------------------------------- the loss step
 def stack_examples(examples: list[dict[str, torch.Tensor]]) -> dict:
     """Prepared examples -> one batch dict (latents, prompt_embeds, image_latents for I2V)."""
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
@@ -222,161 +212,3 @@ def collate(examples: list[dict[str, torch.Tensor]], references: list[dict[str, 
     batch = stack_examples(examples)
     batch["ref_latents"] = torch.stack([r["latents"] for r in references])
     return batch
-
-
-def prompt_dropout(prompt_embeds: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator):
-    """Replace each row's prompt embedding by the empty prompt's with probability p (classifier-free dropout)."""
-    drop = torch.rand(prompt_embeds.shape[0], generator=generator) < p
-    if p <= 0 or not bool(drop.any()):
-        return prompt_embeds, drop
-    empty = empty.to(prompt_embeds.device, prompt_embeds.dtype).expand_as(prompt_embeds)
-    return torch.where(drop.to(prompt_embeds.device)[:, None, None], empty, prompt_embeds), drop
-
-
-def training_step(model, backbone, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """Mean loss of a batch: one LoRA per reference applied to its own target row of the frozen backbone.
-
-    `batch`: latents (B, C, f, h, w), prompt_embeds (B, T, D), ref_latents (B, C, f', h', w'), optional
-    image_latents (B, f, C, h, w). The backbone's LightLoRA layers must be injected (`prepare_backbone`).
-    """
-    loras = model.materialize(*model.predict(batch["ref_latents"].to(backbone.device)))
-    return batch_loss(model, backbone, batch, generator, loras)
-
-
-def batch_loss(model, backbone, batch: dict, generator: torch.Generator, loras=None) -> torch.Tensor:
-    """Mean diffusion loss of a batch with one LoRA per row (`model.materialize` output), or bare with None."""
-    device = backbone.device
-    image = batch.get("image_latents")
-    args = (batch["latents"].to(device), batch["prompt_embeds"].to(device), None if image is None else image.to(device))
-    if loras is None:
-        return backbone.training_loss(*args, generator=generator).mean()
-    strengths = torch.ones(len(batch["latents"]), device=device)
-    with per_sample_loras(backbone.transformer, model.layer_names, loras, strengths):
-        return backbone.training_loss(*args, generator=generator).mean()
-
-
-def prepare_backbone(backbone, model) -> None:
-    """Freeze the backbone and wrap the layers the model adapts (idempotent); checks the layouts match."""
-    expected = [tuple(l) for l in model.config.layers]
-    actual = backbone.lora_layers(model.config.lora.target_modules)
-    if expected != actual:
-        raise ValueError(f"the model adapts {len(expected)} layers, the {backbone.kind} backbone has {len(actual)}")
-    for module in (backbone.transformer, backbone.vae, backbone.pipe.text_encoder):
-        module.requires_grad_(False)
-    inject_lightlora(backbone.transformer, model.config.lora.target_modules)
-
-
-def lr_lambda(warmup_steps: int):
-    """Constant learning rate after a linear warmup (the paper trains with a constant lr)."""
-    warmup = max(0, int(warmup_steps))
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-
-def backbone_fingerprint(backbone) -> str:
-    """A cheap checksum of every frozen weight (float64 sums), to prove training leaves the backbone unchanged."""
-    acc = []
-    for name, module in (("transformer", backbone.transformer), ("vae", backbone.vae), ("text", backbone.pipe.text_encoder)):
-        with torch.no_grad():
-            for k, v in module.state_dict().items():
-                if v.is_floating_point():
-                    acc.append(f"{name}.{k}:{v.double().sum().item():.12e}:{v.double().abs().sum().item():.12e}")
-    return storage.content_hash("\n".join(acc).encode())
-
-
-@torch.no_grad()
-def eval_loss(model, backbone, data: PreparedData, seed: int = 1234, batch_size: int = 4, repeats: int = 2) -> float:
-    """Loss over the prepared set with fixed pairs, timesteps and noise (no dropout): comparable across models."""
-    prepare_backbone(backbone, model)
-    was_training = model.training
-    model.eval()
-    pairs = draw_pairs(data.effects, seed, 0) * repeats
-    total, count = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        batch = collate([data.example(t) for t, _ in chunk], [data.example(r) for _, r in chunk])
-        g = torch.Generator().manual_seed(step_seed(seed, i, 0))
-        total += float(training_step(model, backbone, batch, g)) * len(chunk)
-        count += len(chunk)
-    model.train(was_training)
-    return total / count
-
-
-# --------------------------------------------------------------------------------------------- metrics table
-def metrics_csv(rows: list[dict]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
-    return buf.getvalue().encode()
-
-
-def write_metrics(uri: str, rows: list[dict]) -> None:
-    storage.write_bytes_atomic(uri, metrics_csv(rows))
-
-
-def read_metrics(uri: str) -> list[dict]:
-    """The metrics table (empty if there is none yet); numbers parsed."""
-    if not storage.exists(uri):
-        return []
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
-    out = []
-    for r in rows:
-        out.append({k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in r.items() if v not in ("", None) and k})
-    return out
-
-
-def format_progress(m: dict, max_steps: int, eta_s: float | None = None) -> str:
-    eta = f" eta {eta_s / 60:.1f}m" if eta_s is not None and math.isfinite(eta_s) else ""
-    return (f"step {m['step']}/{max_steps} epoch {m['epoch']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-            f"grad_norm {m['grad_norm']:.4f} {m['samples_per_s']:.1f} samples/s{eta}")
-
-
-# --------------------------------------------------------------------------------------------- the plain loop
-def train_single_process(
-    model,
-    backbone,
-    data: PreparedData,
-    config: TrainConfig | None = None,
-    *,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
-    log_every: int = 10,
-    metrics_uri: str | None = None,
-) -> list[dict]:
-    """The plain loop: fp32 model, torch AdamW, grad clipping, same pairs/schedule/loss as the Ray job.
-
-    `batch_size` is the global batch (use num_workers x per-worker batch to see the samples of a Ray run).
-    Returns one metrics dict per step (and writes the table to `metrics_uri` if given).
-    """
-    cfg = config or TrainConfig()
-    max_steps = max_steps or cfg.max_steps
-    batch_size = batch_size or cfg.batch_size
-    prepare_backbone(backbone, model)
-    model.to(backbone.device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps))
-    rows: list[dict] = []
-    start = time.perf_counter()
-    for step, epoch, _, pairs in schedule(data.effects, cfg.seed, batch_size, 0, max_steps):
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0))
-        batch = collate([data.example(t) for t, _ in pairs], [data.example(r) for _, r in pairs])
-        data_wait = time.perf_counter() - t0
-        batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, cfg.prompt_dropout, g)
-        loss = training_step(model, backbone, batch, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        dt = time.perf_counter() - t0
-        rows.append(dict(step=step, epoch=epoch, loss=float(loss.detach()), lr=lr, grad_norm=float(grad_norm),
-                         samples_per_s=len(pairs) / dt, data_wait_s=data_wait, time_s=time.perf_counter() - start))
-        if log_every and (step % log_every == 0 or step == max_steps):
-            logger.info(format_progress(rows[-1], max_steps))
-    if metrics_uri:
-        write_metrics(metrics_uri, rows)
-    return rows
