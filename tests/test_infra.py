@@ -9,7 +9,7 @@
 * RayJob entrypoints must name scripts that exist and accept every flag used.
 * Dockerfiles: Ray base tag == installed ray, non-root USER, no secrets.
 
-CRDs: ``$KUBERAY_CRDS_DIR`` or ``<repo>/../shared/kuberay-crds``.
+CRDs: ``$KUBERAY_CRDS_DIR`` or ``<repo>/infra/crds`` (KubeRay's own, copied unchanged, Apache-2.0).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 DOCKER = INFRA / "docker"
-CRDS_DIR = Path(os.environ.get("KUBERAY_CRDS_DIR") or (REPO.parent / "shared" / "kuberay-crds"))
+CRDS_DIR = Path(os.environ.get("KUBERAY_CRDS_DIR") or (REPO / "infra" / "crds"))
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 ALL_TEMPLATES = ("raycluster", "rayjob-batch-generate", "rayjob-train", "weights-pvc")
 

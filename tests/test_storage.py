@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -175,3 +176,48 @@ def test_local_copy_redone_after_crash(tmp_path, monkeypatch):
 
     local = storage.local_copy("memory://crashy", cache_dir=cache)
     assert open(os.path.join(local, "sub", "b.txt"), "rb").read() == b"b"
+
+
+COPY_WORKER = """
+import asyncio, json, sys, time
+import s3fs
+from video2lora import storage
+
+counter, cache, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+real_get = s3fs.S3FileSystem._get
+
+async def counting_get(self, *args, **kwargs):  # every download this process makes, on record
+    with open(counter, "a") as f:
+        f.write("copy\\n")
+    await asyncio.sleep(0.5)  # a slow download: the others start while it runs
+    return await real_get(self, *args, **kwargs)
+
+s3fs.S3FileSystem._get = counting_get  # before any instance mirrors it into its sync `get`
+while time.time() < start_at:
+    time.sleep(0.01)
+print(json.dumps(storage.local_copy("s3://v2l-locks/model", cache_dir=cache)))
+"""
+
+
+def test_concurrent_copies_of_one_backbone_make_exactly_one(s3_server, tmp_path):
+    """Four processes (actors on one node) ask for the same remote backbone at the same moment: one downloads,
+    the others wait for it and reuse its copy."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="v2l-locks")
+    for name in ("model_index.json", "transformer/config.json", "vae/config.json"):
+        storage.write_bytes_atomic(f"s3://v2l-locks/model/{name}", name.encode())
+    counter, cache = str(tmp_path / "copies.txt"), str(tmp_path / "cache")
+    start_at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", COPY_WORKER, counter, cache, start_at], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    paths = {json.loads(p.communicate(timeout=120)[0]) for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert open(counter).read().splitlines() == ["copy"]  # exactly one download
+    (local,) = paths  # and every process got the same complete copy
+    assert open(os.path.join(local, "vae", "config.json"), "rb").read() == b"vae/config.json"
+    assert os.listdir(cache) == [os.path.basename(local)]

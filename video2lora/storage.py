@@ -4,6 +4,7 @@ Every function takes a URI: a local path or any fsspec URL (``s3://bucket/key``,
 Error messages go through :func:`redact` so they never carry credentials.
 """
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -11,6 +12,7 @@ import posixpath
 import random
 import re
 import shutil
+import tempfile
 import time
 import uuid
 
@@ -226,9 +228,10 @@ def default_cache_dir() -> str:
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """Local path of a directory: local paths are returned as is, remote ones are downloaded once into a cache.
 
-    The cache entry is ``<cache_dir>/<name>-<hash(uri)>``. Files are downloaded into a temporary sibling that
-    gets a ``.complete`` marker and is then renamed into place, so a crash mid-download is redone on the next
-    call and concurrent callers (e.g. several actors on one node) never see a partial copy.
+    The cache entry is ``<cache_dir>/<name>-<hash(uri)>``. Callers on one machine (e.g. several actors on a node)
+    take a file lock on the entry first, so exactly one downloads while the others wait and then reuse its copy.
+    Files are downloaded into a temporary sibling that gets a ``.complete`` marker and is then renamed into place,
+    so a crash mid-download is redone on the next call and a reader never sees a partial copy.
     """
     fs, path = fs_and_path(uri)
     if _is_local(fs):
@@ -238,7 +241,17 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     target = os.path.join(cache_dir or default_cache_dir(), name)
     if os.path.exists(os.path.join(target, ".complete")):
         return target
+    # the lock lives beside no cache entry (a cache dir holds copies only), keyed by the entry's absolute path
+    locks = os.path.join(tempfile.gettempdir(), "video2lora-locks")
+    os.makedirs(locks, exist_ok=True)
+    with open(os.path.join(locks, content_hash(os.path.abspath(target).encode())[:32] + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not os.path.exists(os.path.join(target, ".complete")):  # another caller may have copied meanwhile
+            _download(fs, root, uri, target)
+    return target
 
+
+def _download(fs, root: str, uri: str, target: str) -> None:
     start = time.perf_counter()
     try:
         remote_files = retry(lambda: fs.find(root))
@@ -256,10 +269,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
         os.rename(tmp, target)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(target, ".complete")):  # not just a concurrent copy that won
+        if not os.path.exists(os.path.join(target, ".complete")):  # unless a caller elsewhere (a shared cache) finished it
             raise _fail("copy", uri, err) from None
-    logger.info(
-        "copied %s (%d files) to %s in %.1fs",
-        redact(uri), len(remote_files), target, time.perf_counter() - start,
-    )
-    return target
+        return
+    logger.info("copied %s (%d files) to %s in %.1fs", redact(uri), len(remote_files), target, time.perf_counter() - start)

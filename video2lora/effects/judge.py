@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import storage
 from . import world as fx
 
 __all__ = [
@@ -209,39 +210,21 @@ class EffectClassifier(nn.Module):
 
 
 # ---------------------------------------------------------------------- persistence
-def _join(path: str, name: str) -> str:
-    from .. import storage
-
-    return storage.join(path, name)
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    from .. import storage
-
-    storage.write_bytes_atomic(uri, data)
-
-
-def _read_bytes(uri: str) -> bytes:
-    from .. import storage
-
-    return storage.read_bytes(uri)
-
-
 def save(model: EffectClassifier, path: str) -> None:
     """Write ``config.json`` and ``model.safetensors`` under directory ``path``."""
     from safetensors.torch import save as st_save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_bytes(_join(path, WEIGHTS_NAME), st_save(state, metadata={"format": "pt"}))
-    _write_bytes(_join(path, CONFIG_NAME), model.config.to_json().encode())
+    storage.write_bytes_atomic(storage.join(path, WEIGHTS_NAME), st_save(state, metadata={"format": "pt"}))
+    storage.write_bytes_atomic(storage.join(path, CONFIG_NAME), model.config.to_json().encode())
 
 
 def load(path: str, map_location: str = "cpu") -> EffectClassifier:
     from safetensors.torch import load as st_load
 
-    config = ClassifierConfig.from_json(_read_bytes(_join(path, CONFIG_NAME)).decode())
+    config = ClassifierConfig.from_json(storage.read_bytes(storage.join(path, CONFIG_NAME)).decode())
     model = EffectClassifier(config)
-    state = st_load(_read_bytes(_join(path, WEIGHTS_NAME)))
+    state = st_load(storage.read_bytes(storage.join(path, WEIGHTS_NAME)))
     model.load_state_dict(state)
     return model.to(map_location).eval()
 
