@@ -116,3 +116,57 @@ def test_factorisation_errors_name_the_label(backbone):
         table.weights(["spin+fade_out"])
     with pytest.raises(ValueError, match="no labels"):
         table.weights([])
+
+
+class CountingReader:
+    """Stands in for the shard reader: every clip is 24 KiB of latents, each read on record."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def example(self, shard, clip_id, fields):
+        self.reads += 1
+        g = torch.Generator().manual_seed(int(clip_id))
+        return {"latents": torch.randn(4, 3, 8, 8, generator=g).repeat(1, 1, 1, 8),  # (4, 3, 8, 64) float32
+                "prompt_embeds": torch.zeros(16, 32)}
+
+
+def shard_data(num_clips, max_cache_bytes):
+    from video2lora.training import PreparedData
+
+    index = [{"clip_id": str(i), "shard": "s0", "effect": f"e{i % 4}", "split": "train"} for i in range(num_clips)]
+    return PreparedData(uri="memory", info={}, index=index, empty_prompt=torch.zeros(16, 32),
+                        max_cache_bytes=max_cache_bytes, _reader=CountingReader())
+
+
+@pytest.mark.parametrize("num_clips", [40, 400])
+def test_prepared_examples_stream_through_a_bounded_cache(num_clips):
+    from video2lora.training.data import example_bytes
+
+    bound = 10 * example_bytes(CountingReader().example("s0", "0", ()))
+    data = shard_data(num_clips, bound)
+    for epoch in range(2):
+        for i in range(num_clips):
+            assert torch.equal(data.example(i)["latents"], CountingReader().example("s0", str(i), ())["latents"])
+    assert data.cached_examples == 10 and data._read_bytes <= bound  # the same for 40 clips as for 400
+    assert data._reader.reads == 2 * num_clips  # a cycle through more clips than fit re-reads them
+    hot = [data.example(num_clips - 1) for _ in range(5)]  # a recent clip is served from the cache
+    assert data._reader.reads == 2 * num_clips and all(h is hot[0] for h in hot)
+
+
+@pytest.mark.parametrize("num_clips", [40, 400])
+def test_warm_start_regression_holds_a_bounded_number_of_clips(backbone, num_clips):
+    """The regression reads each batch's latents when it needs them: tenfold clips, the same cache."""
+    from video2lora.training.data import example_bytes
+    from video2lora.training.warmstart import LoRATable, regress_hypernet
+
+    bound = 10 * example_bytes(CountingReader().example("s0", "0", ()))
+    data = shard_data(num_clips, bound)
+    model = make_model(backbone, rank=1)
+    layers, lc = len(model.config.layers), model.config.lora
+    g = torch.Generator().manual_seed(0)
+    table = LoRATable(groups=["e0", "e1", "e2", "e3"], a_pred=torch.randn(4, layers, lc.rank, lc.down, generator=g),
+                      b_pred=torch.randn(4, layers, lc.up, lc.rank, generator=g))
+    history = regress_hypernet(model, data, table, steps=3, batch_size=4, log_every=3)
+    assert len(history) == 2 and history[-1]["fit"]["relative_error"] > 0
+    assert data.cached_examples <= 10 and data._read_bytes <= bound

@@ -109,7 +109,12 @@ class PreparedData:
     index: list[dict]
     empty_prompt: torch.Tensor
     _reader: ShardReader | None = field(default=None, repr=False)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # examples given in memory (kept; e.g. tests)
+    # examples read from the shards, least recently used dropped first: at 5B sizes a clip is ~17 MB of latents,
+    # so a real training set never fits; the bound keeps memory flat however many clips there are
+    max_cache_bytes: int = 1 << 30
+    _read: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _read_bytes: int = field(default=0, repr=False)
 
     @classmethod
     def load(cls, uri: str, split: str | None = None) -> "PreparedData":
@@ -137,13 +142,30 @@ class PreparedData:
         return [r["effect"] for r in self.index]
 
     def example(self, i: int) -> dict[str, torch.Tensor]:
-        """Tensors of index row i (cached: the plain loop keeps a small prepared set in memory)."""
-        if i not in self._cache:
-            if self._reader is None:
-                self._reader = ShardReader(self.uri)
-            row = self.index[i]
-            self._cache[i] = self._reader.example(row["shard"], row["clip_id"], self.fields)
-        return self._cache[i]
+        """Tensors of index row i, through a bounded cache (a small prepared set stays in memory whole)."""
+        if i in self._cache:
+            return self._cache[i]
+        if i in self._read:
+            self._read.move_to_end(i)
+            return self._read[i]
+        if self._reader is None:
+            self._reader = ShardReader(self.uri)
+        row = self.index[i]
+        example = self._reader.example(row["shard"], row["clip_id"], self.fields)
+        self._read[i] = example
+        self._read_bytes += example_bytes(example)
+        while self._read_bytes > self.max_cache_bytes and len(self._read) > 1:
+            _, dropped = self._read.popitem(last=False)
+            self._read_bytes -= example_bytes(dropped)
+        return example
+
+    @property
+    def cached_examples(self) -> int:
+        return len(self._read)
+
+
+def example_bytes(example: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in example.values())
 
 
 # --------------------------------------------------------------------------------------------- pairing

@@ -149,14 +149,24 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     return LoRATable(groups, a_groups, b_groups, units, a_units, b_units, parts_of), history
 
 
-def regression_error(model, latents: torch.Tensor, labels: torch.Tensor, table: LoRATable) -> dict:
+def stacked_latents(data: PreparedData, rows) -> torch.Tensor:
+    return torch.stack([data.example(int(r))["latents"] for r in rows]).float()
+
+
+@torch.no_grad()
+def predict_rows(model, data: PreparedData, rows, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (A_pred, B_pred) for these clips, on the CPU; latents read a batch at a time, never all."""
+    device = next(model.parameters()).device
+    out = [model.predict(stacked_latents(data, rows[i: i + batch_size]).to(device)) for i in range(0, len(rows), batch_size)]
+    return torch.cat([a for a, _ in out]).cpu().float(), torch.cat([b for _, b in out]).cpu().float()
+
+
+def regression_error(model, data: PreparedData, rows, labels: torch.Tensor, table: LoRATable) -> dict:
     """Relative squared error of the predicted weights against their group's, and how often the nearest group
     in weight space is the reference's own (a zero-shot classifier read off the predicted LoRA)."""
     a_t, b_t = table.a_pred, table.b_pred
     sa, sb = a_t.std(), b_t.std()
-    with torch.no_grad():
-        a, b = model.predict(latents)
-    a, b = a.cpu().float(), b.cpu().float()
+    a, b = predict_rows(model, data, rows)
     rel = (((a - a_t[labels]) ** 2).mean() / sa**2 + ((b - b_t[labels]) ** 2).mean() / sb**2) / 2
     nearest = torch.cdist(_weight_rows(a, b, sa, sb), _weight_rows(a_t, b_t, sa, sb)).argmin(1)
     return {"relative_error": float(rel), "nearest_group_accuracy": float((nearest == labels).float().mean())}
@@ -173,12 +183,10 @@ def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int =
     unit_rank = a_u.shape[2]
     sa, sb = a_u.std().clamp_min(1e-12), b_u.std().clamp_min(1e-12)
     units = _weight_rows(a_u, b_u, sa, sb)  # one row per fitted part
-    device = next(model.parameters()).device
     hits = None
     for i in range(0, len(data.index), batch_size):
         rows = list(range(i, min(i + batch_size, len(data.index))))
-        a, b = model.predict(torch.stack([data.example(r)["latents"] for r in rows]).to(device))
-        a, b = a.cpu().float(), b.cpu().float()
+        a, b = predict_rows(model, data, rows, batch_size)
         parts = [table.parts_of(data.effects[r]) for r in rows]
         slots = a.shape[2] // unit_rank
         if hits is None:
@@ -201,9 +209,9 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     val = rows[:: max(1, round(1 / val_fraction))] if val_fraction > 0 else []
     held_out = set(val)
     fit = [i for i in rows if i not in held_out]
-    latents = torch.stack([data.example(i)["latents"] for i in rows]).float()
     position = {r: k for k, r in enumerate(rows)}
     labels = table.index([data.effects[i] for i in rows])
+    rows_t = torch.tensor(rows, dtype=torch.long)
     model.to(device).train()
     a_t, b_t = table.a_pred.to(device), table.b_pred.to(device)
     sa, sb = a_t.std(), b_t.std()
@@ -218,9 +226,9 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     def report(step: int, loss: float | None) -> None:
         model.eval()
         row = {"step": step, "loss": loss, "time_s": time.perf_counter() - start,
-               "fit": regression_error(model, latents[fit_idx].to(device), labels[fit_idx], table)}
+               "fit": regression_error(model, data, rows_t[fit_idx].tolist(), labels[fit_idx], table)}
         if val:
-            row["val"] = regression_error(model, latents[val_idx].to(device), labels[val_idx], table)
+            row["val"] = regression_error(model, data, rows_t[val_idx].tolist(), labels[val_idx], table)
         model.train()
         history.append(row)
         logger.info("hypernetwork regression step %d/%d: fit %s, held-out clips %s (%.0fs)", step, steps,
@@ -229,7 +237,7 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     report(0, None)  # where it starts, so the report shows what the regression gained
     for step in range(1, steps + 1):
         pick = fit_idx[torch.randint(0, len(fit), (batch_size,), generator=g)]
-        a, b = model.predict(latents[pick].to(device))
+        a, b = model.predict(stacked_latents(data, rows_t[pick].tolist()).to(device))  # this batch's clips only
         lab = labels[pick].to(device)
         loss = (((a - a_t[lab]) ** 2).mean() / sa**2 + ((b - b_t[lab]) ** 2).mean() / sb**2) / 2
         opt.zero_grad(set_to_none=True)
