@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-dropout", type=float, default=t.prompt_dropout, help="classifier-free prompt dropout")
     p.add_argument("--mixed-precision", choices=["bf16", "fp32"], default=t.mixed_precision)
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="recompute the frozen DiT blocks in backward (auto: on above 1 B DiT parameters)")
     p.add_argument("--name", default="video2lora-train", help="run name: the same name + storage path resumes")
     p.add_argument("--prepared", default="", help="a prepared dir, or a root to prepare into (default <storage-path>/prepared)")
     p.add_argument("--split", default="train", help="manifest split to train on ('all' for every row)")
@@ -81,6 +83,7 @@ def build_job(a: argparse.Namespace):
         warmup_steps=a.warmup_steps, prompt_dropout=a.prompt_dropout,
         checkpoint_every=a.checkpoint_every or (10 if demo else TrainConfig.checkpoint_every),
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, mixed_precision=a.mixed_precision,
+        activation_checkpointing={"auto": None, "on": True, "off": False}[a.activation_checkpointing],
     )
     job = TrainJobConfig(
         backbone=backbone, storage_path=a.storage_path, name=a.name, output=a.output, num_workers=a.num_workers,
@@ -96,6 +99,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # the `train` extra; batch generation does not need it
+        print("error: training needs DeepSpeed: pip install -e '.[train]'", file=sys.stderr)
+        return 2
     from pipelines.common import ManifestError, init_ray
     from pipelines.prepare import resolve_prepared
     from pipelines.train import run_training

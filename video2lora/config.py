@@ -79,6 +79,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     mixed_precision: str = "bf16"  # compute dtype; master weights stay fp32
+    # recompute the frozen DiT blocks' activations in backward; None: on above 1 B DiT parameters (5B: needed to
+    # fit an 80 GB GPU), off for the small models, where it would only cost time
+    activation_checkpointing: bool | None = None
 
 
 @dataclass

@@ -163,6 +163,29 @@ def clear_loras(model: nn.Module, names: list[str] | None = None) -> None:
             m.lora = m.row_scale = m.row_index = m._rows = None
 
 
+def checkpoint_with_loras(block: nn.Module, *args):
+    """Activation checkpointing of one transformer block that keeps its per-sample LoRAs: the block's forward is
+    recomputed during backward, after `per_sample_loras` has left the model bare, so the LoRAs the block saw in
+    the forward are put back for the recomputation (and the gradients reach them through the first forward).
+    Pass to diffusers' `enable_gradient_checkpointing(gradient_checkpointing_func=...)`."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = [m for m in block.modules() if isinstance(m, LightLoRALinear)]
+    seen = [(m.lora, m.row_scale, m.row_index) for m in layers]
+
+    def run(*inputs):
+        now = [(m.lora, m.row_scale, m.row_index) for m in layers]
+        for m, (lora, scale, index) in zip(layers, seen):
+            m.lora, m.row_scale, m.row_index, m._rows = lora, scale, index, None
+        try:
+            return block(*inputs)
+        finally:
+            for m, (lora, scale, index) in zip(layers, now):
+                m.lora, m.row_scale, m.row_index, m._rows = lora, scale, index, None
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 @contextlib.contextmanager
 def per_sample_loras(model, names, loras, strengths, row_index=None):
     """Apply one LoRA per sample for the duration of the block, then leave the model bare."""

@@ -127,6 +127,21 @@ class Backbone:
     def patch_size(self) -> int:
         return 2
 
+    def enable_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block's activations in backward instead of keeping them (training only:
+        without gradients it changes nothing). The frozen 5B DiT's activations at 49x480x720 are what does not
+        fit an 80 GB GPU otherwise; per-sample LoRAs are kept through the recomputation."""
+        from ..lightlora import checkpoint_with_loras
+
+        if enabled:
+            self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_loras)
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.transformer.parameters())
+
     def enable_vae_tiling(self, enabled: bool) -> None:
         if enabled:
             self.vae.enable_tiling()

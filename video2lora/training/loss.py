@@ -41,8 +41,12 @@ def batch_loss(model, backbone, batch: dict, generator: torch.Generator, loras=N
         return backbone.training_loss(*args, generator=generator).mean()
 
 
-def prepare_backbone(backbone, model) -> None:
-    """Freeze the backbone and wrap the layers the model adapts (idempotent); checks the layouts match."""
+ACTIVATION_CHECKPOINTING_ABOVE = 1_000_000_000  # DiT parameters; CogVideoX-5b: 5.6 B, the small presets: < 20 M
+
+
+def prepare_backbone(backbone, model, activation_checkpointing: bool | None = None) -> None:
+    """Freeze the backbone and wrap the layers the model adapts (idempotent); checks the layouts match.
+    Activation checkpointing of the DiT blocks: None = on above ACTIVATION_CHECKPOINTING_ABOVE parameters."""
     expected = [tuple(l) for l in model.config.layers]
     actual = backbone.lora_layers(model.config.lora.target_modules)
     if expected != actual:
@@ -50,6 +54,11 @@ def prepare_backbone(backbone, model) -> None:
     for module in (backbone.transformer, backbone.vae, backbone.pipe.text_encoder):
         module.requires_grad_(False)
     inject_lightlora(backbone.transformer, model.config.lora.target_modules)
+    if activation_checkpointing is None:
+        if backbone.transformer.gradient_checkpointing:  # chosen earlier (e.g. by the training job): keep it
+            return
+        activation_checkpointing = backbone.num_parameters > ACTIVATION_CHECKPOINTING_ABOVE
+    backbone.enable_activation_checkpointing(activation_checkpointing)
 
 
 def lr_lambda(warmup_steps: int):
