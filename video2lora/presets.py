@@ -213,6 +213,11 @@ COGVIDEOX_5B_I2V_TRANSFORMER = dict(
     temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
     use_learned_positional_embeddings=True,
 )
+# the text encoder of the CogVideoX checkpoints (text_encoder/config.json: T5 v1.1 XXL encoder) and their VAE
+# (vae/config.json: AutoencoderKLCogVideoX's defaults but the scaling factor)
+T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+COGVIDEOX_5B_VAE = dict(scaling_factor=0.7)
 PAPER_GENERATION = {"num_frames": 49, "height": 480, "width": 720, "steps": 50, "guidance_scale": 6.0}
 WAN_GENERATION = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0}  # WanPipeline's
 
@@ -230,7 +235,9 @@ class Preset:
     heads: int = 0
     head_dim: int = 0
     latent_channels: int = 16
-    transformer: dict = field(default_factory=dict)  # full transformer config, where a check builds it
+    transformer: dict = field(default_factory=dict)  # full component configs, where a check builds them
+    text_encoder: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -249,7 +256,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("effects-cogvideox", EFFECTS_GENERATION, lambda seed: effects_cogvideox(seed=seed)),
     Preset("small-cogvideox", SMALL_GENERATION, lambda seed: small_cogvideox(seed=seed)),
     Preset("cogvideox-5b", PAPER_GENERATION, source="THUDM/CogVideoX-5b-I2V", blocks=42, heads=48, head_dim=64,
-           transformer=COGVIDEOX_5B_I2V_TRANSFORMER),
+           transformer=COGVIDEOX_5B_I2V_TRANSFORMER, text_encoder=T5_XXL_ENCODER, vae=COGVIDEOX_5B_VAE),
     Preset("cogvideox-5b-t2v", PAPER_GENERATION, source="THUDM/CogVideoX-5b", blocks=42, heads=48, head_dim=64),
     Preset("cogvideox-2b", PAPER_GENERATION, source="THUDM/CogVideoX-2b", blocks=30, heads=30, head_dim=64),
     Preset("wan2.1-1.3b", WAN_GENERATION, source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", family="wan", blocks=30,

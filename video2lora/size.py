@@ -1,6 +1,7 @@
 """Size report from the published model configs (dimensions only, no weights).
 
     python -m video2lora.size cogvideox-5b
+    python -m video2lora.size cogvideox-5b --stages     # what each pipeline stage keeps resident
 """
 
 from __future__ import annotations
@@ -52,8 +53,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=LoRAConfig.rank)
     parser.add_argument("--down", type=int, default=LoRAConfig.down)
     parser.add_argument("--up", type=int, default=LoRAConfig.up)
+    parser.add_argument("--stages", action="store_true", help="resident bytes of each pipeline stage instead")
+    parser.add_argument("--workers", type=int, default=8, help="with --stages: ZeRO-2 training workers")
     args = parser.parse_args(argv)
-    r = size_report(args.model, LoRAConfig(rank=args.rank, down=args.down, up=args.up))
+    lora = LoRAConfig(rank=args.rank, down=args.down, up=args.up)
+    if args.stages:
+        from .stage_sizes import print_stage_report
+
+        print_stage_report(args.model, args.workers, lora)
+        return 0
+    r = size_report(args.model, lora)
     art_ok = r["artifact_bytes"] < ARTIFACT_LIMIT
     lora_ok = r["lora_bytes"] < LORA_LIMIT
     print(f"model               {r['model']} ({r['source']} dimensions)")

@@ -20,7 +20,15 @@ logger = logging.getLogger(__name__)
 
 COGVIDEOX_PIPELINES = {"CogVideoXPipeline": "cogvideox", "CogVideoXImageToVideoPipeline": "cogvideox-i2v"}
 WAN_PIPELINES = {"WanPipeline": "wan", "WanImageToVideoPipeline": "wan-i2v"}
+COMPONENTS = ("transformer", "text_encoder", "vae")  # the models of a pipeline directory (+ tokenizer, scheduler)
 WAN_TARGETS = ("blocks.*.attn1.to_q", "blocks.*.attn1.to_k", "blocks.*.attn1.to_v", "blocks.*.attn1.to_out.0")
+
+
+def vae_scale_factors(vae_config: dict) -> tuple[int, int]:
+    """(spatial, temporal) compression of a CogVideoX or Wan VAE, from its config.json."""
+    if "scale_factor_spatial" in vae_config:  # Wan
+        return int(vae_config["scale_factor_spatial"]), int(vae_config["scale_factor_temporal"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1), int(vae_config["temporal_compression_ratio"])
 
 
 def default_device() -> torch.device:
@@ -40,13 +48,15 @@ class Backbone:
     def __init__(self, pipe, kind: str | None = None):
         self.pipe = pipe
         self.kind = kind or self.kind
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        for module in self.modules().values():
             module.requires_grad_(False)
             module.eval()
 
     # --- loading ---
     @classmethod
-    def from_pretrained(cls, uri: str, device=None, dtype=None) -> "Backbone":
+    def from_pretrained(cls, uri: str, device=None, dtype=None, components: tuple[str, ...] | None = None) -> "Backbone":
+        """Load a pipeline directory. `components`: the models to load of ("transformer", "text_encoder", "vae")
+        (None: all); a stage loads only what it uses, e.g. ("vae",) to encode references."""
         from diffusers import DiffusionPipeline
 
         from ..storage import local_copy
@@ -57,11 +67,24 @@ class Backbone:
             class_name = json.load(f).get("_class_name", "")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
+        unknown = set(components or ()) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown backbone components {sorted(unknown)}; choose from {COMPONENTS}")
+        skipped = {c: None for c in COMPONENTS if components is not None and c not in components}
+        if "text_encoder" in skipped:
+            skipped["tokenizer"] = None
         try:  # safetensors only: a backbone dir with only .bin/.pt weights is refused, never unpickled
-            pipe = DiffusionPipeline.from_pretrained(local, dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(local, dtype=dtype, use_safetensors=True, **skipped)
         except (OSError, EnvironmentError) as e:
             raise ValueError(f"{uri}: cannot load the backbone pipeline with safetensors weights ({e})") from e
         pipe.set_progress_bar_config(disable=True)
+        for name in skipped:  # an optional component (Wan's transformer) is loaded even when passed as None
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        if "vae" in skipped:  # the pipeline falls back to default factors without its VAE: take them from its config
+            with open(f"{local}/vae/config.json") as f:
+                vae_config = json.load(f)
+            pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = vae_scale_factors(vae_config)
         pipe.to(device)
         if class_name in COGVIDEOX_PIPELINES:
             from .cogvideox import CogVideoXBackbone
@@ -73,7 +96,8 @@ class Backbone:
             backbone = WanBackbone(pipe, WAN_PIPELINES[class_name])
         else:
             raise ValueError(f"{uri}: unsupported pipeline {class_name!r}; expected CogVideoX or Wan")
-        logger.info("loaded %s backbone from %s in %.1fs on %s/%s", backbone.kind, uri, time.perf_counter() - start, device, dtype)
+        logger.info("loaded %s backbone (%s) from %s in %.1fs on %s/%s", backbone.kind, ", ".join(backbone.modules()), uri,
+                    time.perf_counter() - start, device, dtype)
         return backbone
 
     def save_pretrained(self, directory: str) -> None:
@@ -88,13 +112,17 @@ class Backbone:
     def vae(self):
         return self.pipe.vae
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The models this backbone holds, by component name (a stage may hold only some)."""
+        return {c: m for c in COMPONENTS if (m := getattr(self.pipe, c, None)) is not None}
+
     @property
     def device(self) -> torch.device:
-        return self.pipe.transformer.device
+        return next(iter(self.modules().values())).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
+        return (self.pipe.transformer if self.pipe.transformer is not None else self.vae).dtype
 
     @property
     def is_i2v(self) -> bool:

@@ -19,6 +19,8 @@ class CogVideoXBackbone(Backbone):
 
     @property
     def latent_channels(self) -> int:
+        if self.pipe.transformer is not None:  # a stage may hold no VAE: the DiT denoises latents of this width
+            return self.transformer.config.out_channels
         return self.vae.config.latent_channels
 
     @property

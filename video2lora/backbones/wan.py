@@ -32,6 +32,8 @@ class WanBackbone(Backbone):
                 "backbone (WanPipeline) or CogVideoX image-to-video"
             )
         super().__init__(pipe, kind)
+        if pipe.vae is None:  # a stage without the VAE (training on prepared latents): nothing to normalise here
+            return
         if vae_fp32 and pipe.vae.dtype != torch.float32:
             # as the Wan model cards do: the VAE in fp32 (small), the transformer in bf16; the pipeline casts.
             # .float(), not .to(torch.float32): diffusers' ModelMixin.to warns on any dtype cast
@@ -50,6 +52,8 @@ class WanBackbone(Backbone):
 
     @property
     def latent_channels(self) -> int:
+        if self.pipe.transformer is not None:  # a stage may hold no VAE: the DiT denoises latents of this width
+            return self.transformer.config.out_channels
         return self.vae.config.z_dim
 
     @property

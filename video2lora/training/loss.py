@@ -51,7 +51,7 @@ def prepare_backbone(backbone, model, activation_checkpointing: bool | None = No
     actual = backbone.lora_layers(model.config.lora.target_modules)
     if expected != actual:
         raise ValueError(f"the model adapts {len(expected)} layers, the {backbone.kind} backbone has {len(actual)}")
-    for module in (backbone.transformer, backbone.vae, backbone.pipe.text_encoder):
+    for module in backbone.modules().values():
         module.requires_grad_(False)
     inject_lightlora(backbone.transformer, model.config.lora.target_modules)
     if activation_checkpointing is None:
@@ -70,7 +70,7 @@ def lr_lambda(warmup_steps: int):
 def backbone_fingerprint(backbone) -> str:
     """A cheap checksum of every frozen weight (float64 sums), to prove training leaves the backbone unchanged."""
     acc = []
-    for name, module in (("transformer", backbone.transformer), ("vae", backbone.vae), ("text", backbone.pipe.text_encoder)):
+    for name, module in backbone.modules().items():
         with torch.no_grad():
             for k, v in module.state_dict().items():
                 if v.is_floating_point():

@@ -1,0 +1,72 @@
+"""Reference clips in, per-video LoRAs out: the VAE encoder and the hypernetwork, and nothing else (what the
+Ray hypernetwork stage keeps resident; the DiT and the text encoder are the generation stage's)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TILE_ABOVE = 256  # px on a side: larger references are encoded in VAE tiles and slices (bounded memory)
+
+
+@dataclass
+class PredictedLoRA:
+    """One reference's LoRA: A_pred (L, r, down) and B_pred (L, up, r). About 150 floats per layer."""
+
+    a_pred: torch.Tensor
+    b_pred: torch.Tensor
+
+    @staticmethod
+    def stack(loras: list["PredictedLoRA"]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([l.a_pred for l in loras]), torch.stack([l.b_pred for l in loras])
+
+
+@torch.no_grad()
+def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+    """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
+    out = []
+    for i in range(0, len(references), batch_size):
+        chunk = references[i : i + batch_size]
+        shapes = {tuple(r.shape) for r in chunk}
+        if len(shapes) != 1:
+            raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+        backbone.enable_vae_tiling(max(chunk[0].shape[-2:]) > TILE_ABOVE)
+        latents = backbone.encode_video(torch.stack(chunk))
+        param = next(hypernet.parameters())
+        a, b = hypernet(latents.to(param.device, param.dtype))
+        out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
+    return out
+
+
+class LoRAPredictor:
+    """Holds the backbone's VAE (encoder path only) and the trained hypernetwork."""
+
+    def __init__(self, backbone, hypernet: torch.nn.Module, config):
+        self.backbone = backbone
+        self.hypernet = hypernet.eval().requires_grad_(False)
+        self.config = config  # the checkpoint's Video2LoRAConfig (layers, LoRA sizes)
+
+    @classmethod
+    def from_pretrained(cls, backbone_uri: str, checkpoint_uri: str, device=None, dtype=None) -> "LoRAPredictor":
+        from .backbones import Backbone
+        from .hypernet import Video2LoRAModel
+
+        backbone = Backbone.from_pretrained(backbone_uri, device=device, dtype=dtype, components=("vae",))
+        backbone.vae.decoder = None  # references are only encoded: the decoder is the generation stage's
+        model = Video2LoRAModel.from_pretrained(checkpoint_uri)
+        if model.config.latent_channels != backbone.latent_channels:
+            raise ValueError(f"checkpoint {checkpoint_uri} reads {model.config.latent_channels}-channel latents, the "
+                             f"backbone's VAE makes {backbone.latent_channels}: wrong --backbone for this --checkpoint?")
+        hypernet = model.hypernet.to(backbone.device)  # the aux matrices stay behind: generation applies them
+        return cls(backbone, hypernet, model.config)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """What this object keeps resident."""
+        return {"vae.encoder": self.backbone.vae.encoder, "hypernetwork": self.hypernet}
+
+    def predict_loras(self, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+        return predict_loras(self.backbone, self.hypernet, references, batch_size)
