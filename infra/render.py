@@ -198,11 +198,13 @@ def check_values(values: Mapping[str, Any], templates: Iterable[str]) -> None:
     if num("GPUS_PER_WORKER") < 1 or int(num("GPUS_PER_WORKER")) != num("GPUS_PER_WORKER"):
         errors.append("GPUS_PER_WORKER must be a positive integer")
     if "rayjob-batch-generate" in templates:
-        need = num("NUM_GEN_ACTORS") * num("GEN_NUM_GPUS")
+        need = num("NUM_GEN_ACTORS") * num("GEN_NUM_GPUS") + num("NUM_HYPER_ACTORS") * num("HYPER_NUM_GPUS")
         if need > capacity:
-            errors.append(
-                f"NUM_GEN_ACTORS*GEN_NUM_GPUS={need} GPUs > GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}"
-            )
+            errors.append(f"NUM_GEN_ACTORS*GEN_NUM_GPUS + NUM_HYPER_ACTORS*HYPER_NUM_GPUS={need} GPUs > "
+                          f"GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}")
+        if num("GEN_NUM_GPUS") > 0.5 and num("NUM_GEN_ACTORS") > capacity:  # each needs a GPU of its own
+            errors.append(f"NUM_GEN_ACTORS={values['NUM_GEN_ACTORS']} actors of GEN_NUM_GPUS={values['GEN_NUM_GPUS']} "
+                          f"need a GPU each > GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}")
     if "rayjob-train" in templates and num("TRAIN_NUM_WORKERS") > capacity:
         errors.append(
             f"TRAIN_NUM_WORKERS={values['TRAIN_NUM_WORKERS']} > GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}"

@@ -70,7 +70,7 @@ def test_markdown_has_the_table(quick_report):
 
 
 def test_helpers():
-    from pipelines import bench
+    from pipelines.benchmarks import measure as bench
 
     calls = []
     times = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, warmup=1)

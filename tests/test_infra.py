@@ -599,7 +599,12 @@ def test_entrypoints_parse(rendered, values):
         "--backbone": values["BACKBONE_URI"],
         "--num-gen-actors": str(values["NUM_GEN_ACTORS"]),
         "--gen-num-gpus": str(values["GEN_NUM_GPUS"]),
+        "--num-hyper-actors": str(values["NUM_HYPER_ACTORS"]),
+        "--hyper-num-gpus": str(values["HYPER_NUM_GPUS"]),
     }
+    # what the job asks for adds up to the GPU worker group's capacity
+    gpus = values["NUM_GEN_ACTORS"] * values["GEN_NUM_GPUS"] + values["NUM_HYPER_ACTORS"] * values["HYPER_NUM_GPUS"]
+    assert gpus <= values["GPU_WORKERS_MAX"] * values["GPUS_PER_WORKER"]
     argv = shlex.split(jobs["rayjob-train"]["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/train.py"] and "--use-gpu" in argv
     for flag, key in [("--manifest", "TRAIN_MANIFEST_URI"), ("--backbone", "BACKBONE_URI"),

@@ -198,6 +198,7 @@ def test_zero2_training_lowers_loss_partitions_state_and_trains_only_hypernet(un
 
     # only the hypernetwork and aux matrices train: the backbone is bit-identical, the artifact changed everywhere
     assert info["backbone_trainable_params"] == 0
+    assert info["backbone_components"] == ["transformer"]  # a worker holds the DiT only
     assert info["backbone_fingerprint_before"] == info["backbone_fingerprint_after"]
     trained = Video2LoRAModel.from_pretrained(job.output_uri)
     backbone = Backbone.from_pretrained(tiny_backbone_dir, device="cpu")

@@ -35,6 +35,7 @@ from pipelines.train.zero import (
 )
 
 logger = logging.getLogger(__name__)
+TRAINING_COMPONENTS = ("transformer",)  # what a worker loads of the backbone (no text encoder, no VAE)
 
 
 @dataclass
@@ -153,7 +154,8 @@ def _load_models(job: TrainJobConfig, device, rank: int):
     from video2lora.training import backbone_fingerprint, prepare_backbone
 
     t = job.train
-    backbone = Backbone.from_pretrained(job.backbone, device=device)  # frozen, outside DeepSpeed
+    # frozen, outside DeepSpeed; the DiT only: prompts, latents and I2V first frames come prepared
+    backbone = Backbone.from_pretrained(job.backbone, device=device, components=TRAINING_COMPONENTS)
     if job.init_checkpoint:  # a warm start (e.g. the weight-space fit of pretrain_hypernet); same file on every rank
         model = Video2LoRAModel.from_pretrained(job.init_checkpoint)
     else:
@@ -258,8 +260,9 @@ def write_final_artifact(w: WorkerRun, full_weights: dict, per_rank: list[dict])
         "compute_dtype": str(w.compute_dtype),
         "trainable_params": total,
         "per_rank_optimizer_state": per_rank,
-        "backbone_trainable_params": sum(p.numel() for p in w.backbone.transformer.parameters() if p.requires_grad)
-        + sum(p.numel() for p in w.backbone.vae.parameters() if p.requires_grad),
+        "backbone_components": list(w.backbone.modules()),
+        "backbone_trainable_params": sum(p.numel() for m in w.backbone.modules().values() for p in m.parameters()
+                                         if p.requires_grad),
         "backbone_fingerprint_before": w.fingerprint,
         "backbone_fingerprint_after": backbone_fingerprint(w.backbone),
         "steps": t.max_steps,
