@@ -1,9 +1,10 @@
-"""Batch generation on Ray Data: manifest rows in, one mp4 per row out, resumable.
+"""Batch generation on Ray Data, the driver: manifest rows in, one mp4 per row out, resumable.
 
 read manifest -> fetch + decode references (CPU tasks) -> hypernetwork stage (actor pool, LoRAs in batches,
 identical references encoded once) -> generation stage (actor pool, the DiT resident, one LoRA per row in one
-forward) -> encode + write mp4 (CPU tasks) -> results. Every stage catches errors per row: a bad row ends as
-`failed` with its reason and the others go on. Ray Data streams, so the hypernetwork runs ahead of generation.
+forward) -> encode + write mp4 (CPU tasks) -> results. The stages are in pipelines/stages.py; every stage catches
+errors per row: a bad row ends as `failed` with its reason and the others go on. Ray Data streams, so the
+hypernetwork runs ahead of generation. Rows are checked here, once: the stages get typed settings columns.
 """
 
 from __future__ import annotations
@@ -11,231 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
-from collections import OrderedDict
 
-import numpy as np
 import pandas as pd
-import torch
 
-from pipelines.common import SetupError, error_text, frames_to_uint8, init_ray, uint8_to_frames
-from pipelines.config import BatchJobConfig
-from video2lora.storage import (
-    content_hash, exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic,
-)
+from pipelines.common import SetupError, error_text, init_ray
+from pipelines.config import BatchJobConfig, with_placement
+from pipelines.stages import RESULT_COLUMNS, GenerateStage, HypernetStage, fetch_and_decode, write_videos
+from video2lora.storage import exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic
+
+__all__ = ["RESULTS_NAME", "RESULT_COLUMNS", "GenerateStage", "HypernetStage", "SetupError", "TooManyFailures",
+           "apply_backbone_defaults", "check_artifacts", "failure_limit", "fetch_and_decode", "load_previous_results",
+           "run_batch_job", "write_results", "write_videos"]
 
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.parquet"
-RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
-                  "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker"]
-
-
-# --- stage 1: fetch and decode (CPU tasks) ---
-
-def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
-    """Read each row's reference (and first frame). Never raises for a bad row."""
-    from video2lora.video_io import decode_image, decode_video
-
-    g = cfg.generation
-    out = []
-    for row in batch.to_dict("records"):
-        start = time.perf_counter()
-        rec = {"sample_id": row["sample_id"], "status": "pending", "error": "", "reference_hash": "",
-               "ref_pixels": b"", "image_pixels": b"", "settings": row["settings"]}
-        try:
-            settings = json.loads(row["settings"])
-            data = read_bytes(row["reference_uri"], max_bytes=cfg.max_reference_bytes)
-            rec["reference_hash"] = content_hash(data)
-            ref = decode_video(data, row["reference_uri"], g.num_frames, g.height, g.width)
-            rec["ref_pixels"] = frames_to_uint8(ref).tobytes()
-            if row["image_uri"]:
-                img = decode_image(read_bytes(row["image_uri"], max_bytes=cfg.max_reference_bytes),
-                                   row["image_uri"], settings["height"], settings["width"])
-                rec["image_pixels"] = frames_to_uint8(img).tobytes()
-        except Exception as e:  # noqa: BLE001 - every failure of a row is recorded, never fatal
-            rec.update(status="failed", error=error_text(e), ref_pixels=b"")
-        rec["t_fetch_s"] = time.perf_counter() - start
-        out.append(rec)
-    return pd.DataFrame(out)
-
-
-def set_torch_threads(cfg: BatchJobConfig) -> int:
-    """Apply cfg.torch_threads (0: keep the default) in an actor; returns the thread count in effect."""
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    return torch.get_num_threads()
-
-
-# --- stage 2: hypernetwork (actor pool) ---
-
-class HypernetStage:
-    """Keeps the VAE encoder and the hypernetwork resident; predicts LoRAs for a batch of references."""
-
-    def __init__(self, backbone_uri: str, checkpoint_uri: str, cfg: BatchJobConfig):
-        from video2lora.generate import Video2LoRAGenerator
-
-        start = time.perf_counter()
-        set_torch_threads(cfg)
-        self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri)
-        self.cfg = cfg
-        g = cfg.generation
-        self.ref_shape = (3, g.num_frames, g.height, g.width)
-        self.cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # reference hash -> LoRA
-        logger.info("hypernetwork actor ready in %.1fs", time.perf_counter() - start)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        start = time.perf_counter()
-        rows = batch.to_dict("records")
-        todo, first = {}, {}  # hash -> reference pixels, each distinct reference once; hash -> its first row
-        for i, r in enumerate(rows):
-            if r["status"] == "pending" and r["reference_hash"] not in self.cache and r["reference_hash"] not in todo:
-                todo[r["reference_hash"]], first[r["reference_hash"]] = r["ref_pixels"], i
-        if todo:
-            try:
-                refs = [uint8_to_frames(b, self.ref_shape) for b in todo.values()]
-                loras = self.generator.predict_loras(refs, batch_size=self.cfg.hyper_batch_size)
-                for h, lora in zip(todo, loras):
-                    self.cache[h] = (lora.a_pred.numpy(), lora.b_pred.numpy())
-            except Exception as e:  # noqa: BLE001
-                for r in rows:
-                    if r["reference_hash"] in todo:
-                        r.update(status="failed", error=error_text(e))
-        while len(self.cache) > 4096:
-            self.cache.popitem(last=False)
-        elapsed = (time.perf_counter() - start) / max(len(rows), 1)
-        for i, r in enumerate(rows):
-            r.pop("ref_pixels", None)
-            r["lora_a"] = r["lora_b"] = b""
-            r["lora_cache_hit"] = r["status"] == "pending" and first.get(r["reference_hash"]) != i
-            r["lora_uri"] = ""
-            r["t_hypernet_s"] = elapsed
-            if r["status"] != "pending":
-                continue
-            a, b = self.cache[r["reference_hash"]]
-            r["lora_a"], r["lora_b"] = a.tobytes(), b.tobytes()
-        return pd.DataFrame(rows)
-
-
-# --- stage 3: generation (actor pool, one GPU each on a GPU cluster) ---
-
-class GenerateStage:
-    """Keeps text encoder, DiT and VAE decoder resident; denoises rows with different LoRAs in one batch."""
-
-    def __init__(self, backbone_uri: str, checkpoint_uri: str, cfg: BatchJobConfig):
-        import ray
-
-        from video2lora.generate import Video2LoRAGenerator
-
-        start = time.perf_counter()
-        threads = set_torch_threads(cfg)
-        self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri, cfg.generation)
-        self.cfg = cfg
-        lc = self.generator.model.config.lora
-        self.a_shape = (len(self.generator.layer_names), lc.rank, lc.down)
-        self.b_shape = (len(self.generator.layer_names), lc.up, lc.rank)
-        self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
-                       f":threads={threads}")
-        logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
-
-    def _request(self, r):
-        from video2lora.generate import GenerationRequest, PredictedLoRA
-
-        s = json.loads(r["settings"])
-        image = None
-        if r["image_pixels"]:
-            image = uint8_to_frames(r["image_pixels"], (3, s["height"], s["width"]))
-        lora = PredictedLoRA(torch.from_numpy(np.frombuffer(r["lora_a"], np.float32).reshape(self.a_shape).copy()),
-                             torch.from_numpy(np.frombuffer(r["lora_b"], np.float32).reshape(self.b_shape).copy()))
-        return GenerationRequest(prompt=s["prompt"], lora=lora, image=image, negative_prompt=s["negative_prompt"],
-                                 seed=s["seed"], lora_strength=s["lora_strength"])
-
-    def _export(self, r) -> str:
-        from video2lora.export import export_lora_bytes
-
-        lora = self._request(r).lora
-        uri = safe_child(join(self.cfg.output, "loras"), f"{r['sample_id']}.safetensors")
-        strength = json.loads(r["settings"])["lora_strength"]
-        write_bytes_atomic(uri, export_lora_bytes(self.generator.model, lora.a_pred, lora.b_pred, strength))
-        return uri
-
-    def _generate(self, rows, key):
-        num_frames, height, width, steps, guidance = key
-        requests = [self._request(r) for r in rows]
-        return self.generator.generate(requests, num_frames=num_frames, height=height, width=width,
-                                       steps=steps, guidance_scale=guidance)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
-        groups: dict[tuple, list[dict]] = {}
-        for r in rows:
-            r.update(video=b"", video_shape="", t_generate_s=0.0, gen_worker=self.worker)
-            if r["status"] != "pending":
-                continue
-            s = json.loads(r["settings"])
-            try:
-                self.generator.backbone.check_size(s["num_frames"], s["height"], s["width"])
-                if self.generator.backbone.is_i2v and not r["image_pixels"]:
-                    raise ValueError("the image-to-video backbone needs image_uri (a first frame) for this row")
-            except ValueError as e:
-                r.update(status="failed", error=error_text(e))
-                continue
-            key = (s["num_frames"], s["height"], s["width"], s["steps"], s["guidance_scale"])
-            groups.setdefault(key, []).append(r)
-        for key, group in groups.items():
-            start = time.perf_counter()
-            try:
-                videos = self._generate(group, key)
-            except Exception:  # noqa: BLE001 - isolate the row at fault, keep the others
-                videos = []
-                for r in group:
-                    try:
-                        videos += self._generate([r], key)
-                    except Exception as e:  # noqa: BLE001
-                        r.update(status="failed", error=error_text(e))
-                        videos.append(None)
-            per_row = (time.perf_counter() - start) / len(group)
-            for r, v in zip(group, videos):
-                r["t_generate_s"] = per_row
-                if v is None:
-                    continue
-                r["video"] = frames_to_uint8(v).tobytes()
-                r["video_shape"] = ",".join(map(str, v.shape))
-                if self.cfg.export_loras:  # only rows that made a video get a LoRA file
-                    try:
-                        r["lora_uri"] = self._export(r)
-                    except Exception as e:  # noqa: BLE001
-                        r.update(status="failed", error=error_text(e), video=b"")
-        for r in rows:
-            r.pop("lora_a", None), r.pop("lora_b", None), r.pop("image_pixels", None)
-        return pd.DataFrame(rows)
-
-
-# --- stage 4: encode and write (CPU tasks) ---
-
-def write_videos(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
-    from video2lora.video_io import encode_video
-
-    out = []
-    for r in batch.to_dict("records"):
-        start = time.perf_counter()
-        r["output_uri"] = ""
-        if r["status"] == "pending":
-            try:
-                shape = tuple(int(x) for x in r["video_shape"].split(","))
-                frames = uint8_to_frames(r["video"], shape)
-                uri = safe_child(join(cfg.output, "videos"), f"{r['sample_id']}.mp4")
-                write_bytes_atomic(uri, encode_video(frames, fps=cfg.generation.fps))
-                r.update(status="ok", output_uri=uri)
-            except Exception as e:  # noqa: BLE001
-                r.update(status="failed", error=error_text(e))
-        r["t_write_s"] = time.perf_counter() - start
-        rec = {c: r.get(c) for c in RESULT_COLUMNS}
-        if rec["status"] == "ok":  # a sidecar per finished row: results survive a killed driver
-            write_bytes_atomic(safe_child(join(cfg.output, "rows"), f"{r['sample_id']}.json"), json.dumps(rec).encode())
-        out.append(rec)
-    return pd.DataFrame(out, columns=RESULT_COLUMNS)
 
 
 # --- the driver ---
@@ -340,7 +132,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
             results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed", "error": error_text(e)}
             continue
         todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
-                     "settings": json.dumps(settings)})
+                     **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
     limit = failure_limit(cfg.max_failures, len(rows))
     failed = sum(r["status"] == "failed" for r in results.values())
     logger.info("%d rows: %d to do, %d done earlier", len(rows), len(todo), len(rows) - len(todo) - failed)
@@ -349,6 +141,9 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     _remove_partial_writes(cfg.output)
 
     init_ray(log_to_driver=False)
+    cfg = with_placement(cfg, ray.cluster_resources().get("GPU", 0))  # counts the user left unset
+    logger.info("%d generation actor(s) x %g GPU, %d hypernetwork actor(s) x %g GPU", cfg.num_gen_actors,
+                cfg.gen_num_gpus, cfg.num_hyper_actors, cfg.hyper_num_gpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

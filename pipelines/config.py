@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from video2lora.config import GenerationConfig
@@ -18,9 +20,11 @@ class BatchJobConfig:
     batch_size: int = 4  # rows per generation call; every row has its own LoRA
     hyper_batch_size: int = 8  # references per hypernetwork call
     num_hyper_actors: int = 1
-    num_gen_actors: int = 1
-    hyper_num_gpus: float = 0.0
-    gen_num_gpus: float = 0.0  # 1 on a GPU cluster: each generation actor holds one GPU
+    # None: chosen from the cluster when the job starts (`with_placement`): on a cluster with GPUs each generation
+    # actor holds one GPU and the hypernetwork stage a quarter of one; on a CPU cluster, one generation actor
+    num_gen_actors: int | None = None
+    hyper_num_gpus: float | None = None
+    gen_num_gpus: float | None = None
     actor_num_cpus: float = 0.5  # fractional on small machines, or actors wait forever
     decode_num_cpus: float = 0.25
     # torch intra-op threads in each hypernetwork / generation actor; 0: leave torch's default, which inside a Ray
@@ -30,3 +34,27 @@ class BatchJobConfig:
     export_loras: bool = False
     max_reference_bytes: int = 1 << 30
     results_flush_seconds: float = 10.0
+
+
+HYPER_GPU_SHARE = 0.25  # the hypernetwork stage holds a VAE encoder and a 1.6 M hypernetwork: a quarter of a GPU
+GEN_GPU_SHARE = 1 - HYPER_GPU_SHARE  # no two generation actors fit on one GPU; one hypernetwork actor fits beside
+
+
+def with_placement(cfg: BatchJobConfig, cluster_gpus: float) -> BatchJobConfig:
+    """The config with every unset actor count and GPU share chosen for a cluster of `cluster_gpus` GPUs:
+    one generation actor per GPU, each on a GPU of its own (0.75 of it in Ray's accounting, so that a
+    hypernetwork actor's 0.25 fits beside it); on a CPU cluster one generation actor. Explicit values are kept.
+    An autoscaling cluster may show no GPU before it scales up: pass the counts there (the rendered RayJob does)."""
+    gpus = math.floor(cluster_gpus)
+    if gpus < 1:
+        return dataclasses.replace(cfg, hyper_num_gpus=cfg.hyper_num_gpus or 0.0, gen_num_gpus=cfg.gen_num_gpus or 0.0,
+                                   num_gen_actors=cfg.num_gen_actors or 1)
+    hyper = HYPER_GPU_SHARE if cfg.hyper_num_gpus is None else cfg.hyper_num_gpus
+    gen = GEN_GPU_SHARE if cfg.gen_num_gpus is None else cfg.gen_num_gpus
+    actors = cfg.num_gen_actors
+    if actors is None:  # as many as fit beside the hypernetwork actors, one per GPU at most
+        fit = math.floor((cluster_gpus - hyper * cfg.num_hyper_actors) / gen + 1e-9) if gen > 0 else 1
+        actors = max(1, min(gpus, fit))
+    if cfg.hyper_num_gpus is None and actors * gen + hyper * cfg.num_hyper_actors > cluster_gpus + 1e-9:
+        hyper = 0.0  # the generation actors asked for every GPU: the hypernetwork stage runs on CPU
+    return dataclasses.replace(cfg, hyper_num_gpus=hyper, gen_num_gpus=gen, num_gen_actors=actors)

@@ -67,8 +67,14 @@ def read_manifest(uri: str) -> list[dict]:
     return rows
 
 
+# what row_settings returns: the typed per-row columns the batch stages read (str, int or float, never JSON)
+SETTING_COLUMNS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "steps", "guidance_scale",
+                   "lora_strength")
+
+
 def row_settings(row: dict, defaults: dict) -> dict:
-    """Per-row generation settings (manifest value or job default), checked. Raises ValueError naming the field."""
+    """Per-row generation settings (manifest value or job default), checked: one value per SETTING_COLUMNS name.
+    Raises ValueError naming the field."""
     out = {}
     for col in ("num_frames", "height", "width", "steps", "guidance_scale", "lora_strength", "seed"):
         value = row.get(col)

@@ -1,8 +1,8 @@
 """Each stage holds only what it uses: asserted on the tiny models, and reported at full size from the published
 configs on the meta device."""
 
+import pytest
 import torch
-
 from conftest import save_model_for
 
 
@@ -12,7 +12,7 @@ def parameter_ids(*modules):
 
 def test_lora_predictor_holds_the_vae_encoder_and_the_hypernetwork_only(tiny_i2v_backbone_dir, tmp_path):
     from video2lora.backbones import Backbone
-    from video2lora.generate import Video2LoRAGenerator
+    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
     from video2lora.predict import LoRAPredictor
 
     ckpt = save_model_for(tiny_i2v_backbone_dir, str(tmp_path / "ckpt"))
@@ -59,3 +59,19 @@ def test_stage_report_at_full_size():
     assert 10.5e9 < rows["generation"]["params"] < 10.8e9  # T5-XXL 4.76 B + DiT 5.57 B + VAE 0.22 B + aux 0.08 B
     assert all(r["fits_80gb"] for r in rows.values())
     assert 11e9 < rows["training"]["resident_bytes"] < 12e9  # the bf16 DiT, the trainable parts' ZeRO-2 share
+
+
+def test_generation_stage_holds_text_encoder_dit_vae_and_aux(tiny_i2v_backbone_dir, tmp_path):
+    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+
+    ckpt = save_model_for(tiny_i2v_backbone_dir, str(tmp_path / "ckpt"))
+    generator = Video2LoRAGenerator.from_pretrained(tiny_i2v_backbone_dir, ckpt, device="cpu")
+    lora = generator.predict_loras([torch.rand(3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1])[0]
+    generator.release_hypernetwork()  # what pipelines/stages.py GenerateStage does
+    assert list(generator.modules()) == ["transformer", "text_encoder", "vae", "aux"]
+    image = torch.zeros(3, 32, 32)
+    video = generator.generate([GenerationRequest(
+        "a red circle", lora=lora, image=image, seed=0)], num_frames=9, height=32, width=32, steps=2)[0]  # still applies a predicted LoRA
+    assert video.shape == (3, 9, 32, 32)
+    with pytest.raises(ValueError, match="no hypernetwork loaded"):
+        generator.predict_loras([torch.zeros(3, 9, 32, 32)])

@@ -12,20 +12,9 @@ from .backbones import Backbone
 from .config import GenerationConfig, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
+from .predict import PredictedLoRA, predict_loras
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PredictedLoRA:
-    """One reference's LoRA: A_pred (L, r, down) and B_pred (L, up, r). About 150 floats per layer."""
-
-    a_pred: torch.Tensor
-    b_pred: torch.Tensor
-
-    @staticmethod
-    def stack(loras: list["PredictedLoRA"]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([l.a_pred for l in loras]), torch.stack([l.b_pred for l in loras])
 
 
 @dataclass
@@ -72,21 +61,47 @@ class Video2LoRAGenerator:
         model = Video2LoRAModel.from_pretrained(checkpoint_uri) if checkpoint_uri else None
         return cls(backbone, model, config)
 
+    def check_request(self, num_frames: int, height: int, width: int, has_image: bool) -> None:
+        """Raise ValueError (a user error, recorded per row) for a request this backbone cannot generate."""
+        self.backbone.check_size(num_frames, height, width)
+        if self.backbone.is_i2v and not has_image:
+            raise ValueError("the image-to-video backbone needs image_uri (a first frame) for this row")
+
+    def lora_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Shapes of one PredictedLoRA for this checkpoint: A_pred (L, r, down), B_pred (L, up, r)."""
+        lc = self.model.config.lora
+        return (len(self.layer_names), lc.rank, lc.down), (len(self.layer_names), lc.up, lc.rank)
+
+    def lora_from_bytes(self, a: bytes, b: bytes) -> PredictedLoRA:
+        """A PredictedLoRA from PredictedLoRA.to_bytes output, shaped for this checkpoint."""
+        return PredictedLoRA.from_bytes(a, b, *self.lora_shapes())
+
+    def export_lora(self, lora: PredictedLoRA, strength: float) -> bytes:
+        """One LoRA as a diffusers/PEFT safetensors file (see video2lora.export)."""
+        from .export import export_lora_bytes
+
+        return export_lora_bytes(self.model, lora.a_pred, lora.b_pred, strength)
+
     @torch.no_grad()
+    def release_hypernetwork(self) -> None:
+        """Keep only what applies LoRAs (the aux matrices): for a stage that is given LoRAs predicted elsewhere."""
+        if self.model is not None:
+            self.model.hypernet = None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """What this generator keeps resident: the backbone's models and the checkpoint's parts."""
+        held = dict(self.backbone.modules())
+        if self.model is not None:
+            held["aux"] = torch.nn.ModuleList([self.model.a_aux, self.model.b_aux])
+            if self.model.hypernet is not None:
+                held["hypernetwork"] = self.model.hypernet
+        return held
+
     def predict_loras(self, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
         """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU)."""
-        if self.model is None:
-            raise ValueError("no hypernetwork checkpoint loaded: pass checkpoint_uri to predict LoRAs")
-        out = []
-        for i in range(0, len(references), batch_size):
-            chunk = references[i : i + batch_size]
-            shapes = {tuple(r.shape) for r in chunk}
-            if len(shapes) != 1:
-                raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
-            latents = self.backbone.encode_video(torch.stack(chunk))
-            a, b = self.model.predict(latents.float())
-            out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
-        return out
+        if self.model is None or self.model.hypernet is None:
+            raise ValueError("no hypernetwork loaded: pass checkpoint_uri to predict LoRAs")
+        return predict_loras(self.backbone, self.model.hypernet, references, batch_size)
 
     def materialize(self, loras: list[PredictedLoRA | None]) -> tuple[list[LayerLoRA], torch.Tensor]:
         """Per-layer LoRAs for a batch; rows without a LoRA get zeros and strength 0."""
@@ -103,9 +118,23 @@ class Video2LoRAGenerator:
             layers = self.model.materialize(a.to(self.backbone.device), b.to(self.backbone.device))
         return [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers], present
 
+    def adapted_layers(self, patterns=None) -> list[str]:
+        """Names of the layers LoRAs apply to, in order: the hypernetwork's; without one, the layers matching
+        `patterns` (default: the backbone's lora targets), LightLoRA-wrapped on the first call."""
+        if not self.layer_names:
+            self.layer_names = inject_lightlora(self.backbone.transformer, patterns or self.backbone.lora_targets)
+        return self.layer_names
+
     def generate(self, requests: list[GenerationRequest], num_frames=None, height=None, width=None,
-                 steps=None, guidance_scale=None, timings: GenerationTimings | None = None) -> list[torch.Tensor]:
-        """Generate one video per request, all in one batch. Returns (3, F, H, W) tensors in [-1, 1]."""
+                 steps=None, guidance_scale=None, timings: GenerationTimings | None = None,
+                 layer_loras: list[LayerLoRA] | None = None) -> list[torch.Tensor]:
+        """Generate one video per request, all in one batch. Returns (3, F, H, W) tensors in [-1, 1].
+
+        `layer_loras`: already-materialised LoRAs instead of predicted ones (e.g. ordinary trained LoRAs), one
+        `LayerLoRA` per `adapted_layers()` layer with one row per request, applied at each request's lora_strength;
+        the requests then carry no reference or lora."""
+        if layer_loras is not None and any(r.lora is not None or r.reference is not None for r in requests):
+            raise ValueError("pass either layer_loras or per-request references / LoRAs, not both")
         c = self.config
         num_frames, height, width = num_frames or c.num_frames, height or c.height, width or c.width
         steps = steps or c.steps
@@ -129,8 +158,15 @@ class Video2LoRAGenerator:
         images = torch.stack([r.image for r in requests]) if self.backbone.is_i2v else None
 
         start = time.perf_counter()
-        if self.model is not None and any(r.lora is not None for r in requests):
+        layers = None
+        if layer_loras is not None:
+            self.adapted_layers()
+            device, dtype = self.backbone.device, self.backbone.dtype
+            layers = [LayerLoRA(l.down.to(device, dtype), l.up.to(device, dtype)) for l in layer_loras]
+            present = torch.ones(len(requests), dtype=torch.bool)
+        elif self.model is not None and any(r.lora is not None for r in requests):
             layers, present = self.materialize([r.lora for r in requests])
+        if layers is not None:
             strengths = torch.tensor([c.lora_strength if r.lora_strength is None else r.lora_strength for r in requests])
             strengths = torch.where(present, strengths, torch.zeros_like(strengths))
             with per_sample_loras(self.backbone.transformer, self.layer_names, layers, strengths):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,16 @@ class PredictedLoRA:
     def stack(loras: list["PredictedLoRA"]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([l.a_pred for l in loras]), torch.stack([l.b_pred for l in loras])
 
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        """(A_pred, B_pred) as raw float32 bytes, the form a LoRA travels in between Ray stages."""
+        return self.a_pred.float().cpu().numpy().tobytes(), self.b_pred.float().cpu().numpy().tobytes()
+
+    @classmethod
+    def from_bytes(cls, a: bytes, b: bytes, a_shape: tuple, b_shape: tuple) -> "PredictedLoRA":
+        """The inverse of to_bytes; the tensors own their memory (writable, independent of the buffers)."""
+        return cls(torch.from_numpy(np.frombuffer(a, np.float32).reshape(a_shape).copy()),
+                   torch.from_numpy(np.frombuffer(b, np.float32).reshape(b_shape).copy()))
+
 
 @torch.no_grad()
 def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
@@ -34,8 +45,12 @@ def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size
         shapes = {tuple(r.shape) for r in chunk}
         if len(shapes) != 1:
             raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+        was_tiled = bool(getattr(backbone.vae, "use_tiling", False))
         backbone.enable_vae_tiling(max(chunk[0].shape[-2:]) > TILE_ABOVE)
-        latents = backbone.encode_video(torch.stack(chunk))
+        try:
+            latents = backbone.encode_video(torch.stack(chunk))
+        finally:  # the generator chose its own tiling for decoding
+            backbone.enable_vae_tiling(was_tiled)
         param = next(hypernet.parameters())
         a, b = hypernet(latents.to(param.device, param.dtype))
         out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]

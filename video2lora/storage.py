@@ -209,6 +209,22 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     return [join(uri, n) for n in names if suffix is None or n.endswith(suffix)]
 
 
+def read_many(uris: list[str]) -> dict[str, bytes | Exception]:
+    """Many small files at once (concurrent requests on object stores): URI -> its bytes, or the error reading it.
+    All URIs must be on one filesystem."""
+    if not uris:
+        return {}
+    fs, _ = fs_and_path(uris[0])
+    paths = [fs_and_path(u)[1] for u in uris]
+    try:
+        got = retry(lambda: fs.cat(paths, on_error="return"))
+    except Exception as err:
+        raise _fail("read", uris[0], err) from None
+    if not isinstance(got, dict):  # one path: fsspec returns its bytes
+        got = {paths[0]: got}
+    return {u: got.get(p, FileNotFoundError(p)) for u, p in zip(uris, paths)}
+
+
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete a file (or a directory tree with ``recursive=True``); a missing path is not an error."""
     fs, path = fs_and_path(uri)

@@ -1,0 +1,231 @@
+"""The four stages of batch generation (the driver is pipelines/batch.py).
+
+fetch + decode references (CPU tasks) -> hypernetwork stage (actor pool, LoRAs in batches, identical references
+encoded once) -> generation stage (actor pool, the DiT resident, one LoRA per row in one forward) -> encode + write
+mp4 (CPU tasks). Every stage catches errors per row: a bad row ends as `failed` with its reason and the others go
+on. Stages are pure (a batch run again gives the same rows) and every write is atomic, so a restarted actor or a
+retried task never leaves a row half-written. Per-row settings arrive as typed columns (SETTING_COLUMNS), already
+checked on the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+
+import pandas as pd
+import torch
+
+from pipelines.common import error_text, frames_to_uint8, uint8_to_frames
+from pipelines.config import BatchJobConfig
+from pipelines.manifest import SETTING_COLUMNS
+from video2lora.storage import content_hash, join, read_bytes, safe_child, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
+                  "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker"]
+# rows that share these settings are generated in one batch; the names are Video2LoRAGenerator.generate's arguments
+GROUP_KEY = ("num_frames", "height", "width", "steps", "guidance_scale")
+LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by reference hash
+
+
+def set_torch_threads(cfg: BatchJobConfig) -> int:
+    """Apply cfg.torch_threads (0: keep the default) in an actor; returns the thread count in effect."""
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    return torch.get_num_threads()
+
+
+def _fail(row: dict, e: BaseException, **extra) -> None:
+    row.update(status="failed", error=error_text(e), **extra)
+
+
+# --- stage 1: fetch and decode (CPU tasks) ---
+
+def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
+    """Read each row's reference (and first frame). Never raises for a bad row."""
+    from video2lora.video_io import decode_image, decode_video
+
+    g = cfg.generation
+    out = []
+    for row in batch.to_dict("records"):
+        start = time.perf_counter()
+        rec = {"sample_id": row["sample_id"], "status": "pending", "error": "", "reference_hash": "",
+               "ref_pixels": b"", "image_pixels": b"", **{c: row[c] for c in SETTING_COLUMNS}}
+        try:
+            data = read_bytes(row["reference_uri"], max_bytes=cfg.max_reference_bytes)
+            rec["reference_hash"] = content_hash(data)
+            ref = decode_video(data, row["reference_uri"], g.num_frames, g.height, g.width)
+            rec["ref_pixels"] = frames_to_uint8(ref).tobytes()
+            if row["image_uri"]:
+                img = decode_image(read_bytes(row["image_uri"], max_bytes=cfg.max_reference_bytes),
+                                   row["image_uri"], row["height"], row["width"])
+                rec["image_pixels"] = frames_to_uint8(img).tobytes()
+        except Exception as e:  # noqa: BLE001 - every failure of a row is recorded, never fatal
+            _fail(rec, e, ref_pixels=b"")
+        rec["t_fetch_s"] = time.perf_counter() - start
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+# --- stage 2: hypernetwork (actor pool) ---
+
+class HypernetStage:
+    """Keeps the VAE encoder and the hypernetwork resident; predicts LoRAs for a batch of references."""
+
+    def __init__(self, backbone_uri: str, checkpoint_uri: str, cfg: BatchJobConfig):
+        from video2lora.predict import LoRAPredictor
+
+        start = time.perf_counter()
+        set_torch_threads(cfg)
+        self.predictor = LoRAPredictor.from_pretrained(backbone_uri, checkpoint_uri)  # no DiT, no text encoder
+        self.cfg = cfg
+        g = cfg.generation
+        self.ref_shape = (3, g.num_frames, g.height, g.width)
+        self.cache: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # reference hash -> LoRA (A, B bytes)
+        logger.info("hypernetwork actor ready in %.1fs", time.perf_counter() - start)
+
+    def _predict(self, rows: list[dict]) -> dict[str, int]:
+        """Predict the LoRAs of the references not cached yet, each distinct one once; returns hash -> its first row."""
+        todo, first = {}, {}  # hash -> reference pixels; hash -> index of its first row
+        for i, r in enumerate(rows):
+            if r["status"] == "pending" and r["reference_hash"] not in self.cache and r["reference_hash"] not in todo:
+                todo[r["reference_hash"]], first[r["reference_hash"]] = r["ref_pixels"], i
+        if todo:
+            try:
+                refs = [uint8_to_frames(b, self.ref_shape) for b in todo.values()]
+                loras = self.predictor.predict_loras(refs, batch_size=self.cfg.hyper_batch_size)
+                for h, lora in zip(todo, loras):
+                    self.cache[h] = lora.to_bytes()
+            except Exception as e:  # noqa: BLE001
+                for r in rows:
+                    if r["reference_hash"] in todo:
+                        _fail(r, e)
+        while len(self.cache) > LORA_CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return first
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        start = time.perf_counter()
+        rows = batch.to_dict("records")
+        first = self._predict(rows)
+        elapsed = (time.perf_counter() - start) / max(len(rows), 1)
+        for i, r in enumerate(rows):
+            r.pop("ref_pixels", None)
+            pending = r["status"] == "pending"
+            r.update(lora_a=b"", lora_b=b"", lora_uri="", t_hypernet_s=elapsed,
+                     lora_cache_hit=pending and first.get(r["reference_hash"]) != i)
+            if pending:
+                r["lora_a"], r["lora_b"] = self.cache[r["reference_hash"]]
+        return pd.DataFrame(rows)
+
+
+# --- stage 3: generation (actor pool, one GPU each on a GPU cluster) ---
+
+class GenerateStage:
+    """Keeps text encoder, DiT and VAE decoder resident; denoises rows with different LoRAs in one batch."""
+
+    def __init__(self, backbone_uri: str, checkpoint_uri: str, cfg: BatchJobConfig):
+        import ray
+
+        from video2lora.generate import Video2LoRAGenerator
+
+        start = time.perf_counter()
+        threads = set_torch_threads(cfg)
+        self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri, cfg.generation)
+        self.generator.release_hypernetwork()  # LoRAs come predicted from the hypernetwork stage
+        self.cfg = cfg
+        self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
+                       f":threads={threads}")
+        logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
+
+    def _request(self, r):
+        from video2lora.generate import GenerationRequest
+
+        image = uint8_to_frames(r["image_pixels"], (3, r["height"], r["width"])) if r["image_pixels"] else None
+        return GenerationRequest(prompt=r["prompt"], lora=self.generator.lora_from_bytes(r["lora_a"], r["lora_b"]),
+                                 image=image, negative_prompt=r["negative_prompt"], seed=r["seed"],
+                                 lora_strength=r["lora_strength"])
+
+    def _export(self, r) -> str:
+        lora = self.generator.lora_from_bytes(r["lora_a"], r["lora_b"])
+        uri = safe_child(join(self.cfg.output, "loras"), f"{r['sample_id']}.safetensors")
+        write_bytes_atomic(uri, self.generator.export_lora(lora, r["lora_strength"]))
+        return uri
+
+    def _generate(self, rows, key):
+        return self.generator.generate([self._request(r) for r in rows], **dict(zip(GROUP_KEY, key)))
+
+    def _run_group(self, group: list[dict], key: tuple) -> None:
+        start = time.perf_counter()
+        try:
+            videos = self._generate(group, key)
+        except Exception:  # noqa: BLE001 - isolate the row at fault, keep the others
+            videos = []
+            for r in group:
+                try:
+                    videos += self._generate([r], key)
+                except Exception as e:  # noqa: BLE001
+                    _fail(r, e)
+                    videos.append(None)
+        per_row = (time.perf_counter() - start) / len(group)
+        for r, v in zip(group, videos):
+            r["t_generate_s"] = per_row
+            if v is None:
+                continue
+            r["video"] = frames_to_uint8(v).tobytes()
+            r["video_shape"] = ",".join(map(str, v.shape))
+            if self.cfg.export_loras:  # only rows that made a video get a LoRA file
+                try:
+                    r["lora_uri"] = self._export(r)
+                except Exception as e:  # noqa: BLE001
+                    _fail(r, e, video=b"")
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            r.update(video=b"", video_shape="", t_generate_s=0.0, gen_worker=self.worker)
+            if r["status"] != "pending":
+                continue
+            try:
+                self.generator.check_request(r["num_frames"], r["height"], r["width"], bool(r["image_pixels"]))
+            except ValueError as e:
+                _fail(r, e)
+                continue
+            groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(r)
+        for key, group in groups.items():
+            self._run_group(group, key)
+        for r in rows:
+            r.pop("lora_a", None), r.pop("lora_b", None), r.pop("image_pixels", None)
+        return pd.DataFrame(rows)
+
+
+# --- stage 4: encode and write (CPU tasks) ---
+
+def write_videos(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
+    from video2lora.video_io import encode_video
+
+    out = []
+    for r in batch.to_dict("records"):
+        start = time.perf_counter()
+        r["output_uri"] = ""
+        if r["status"] == "pending":
+            try:
+                shape = tuple(int(x) for x in r["video_shape"].split(","))
+                frames = uint8_to_frames(r["video"], shape)
+                uri = safe_child(join(cfg.output, "videos"), f"{r['sample_id']}.mp4")
+                write_bytes_atomic(uri, encode_video(frames, fps=cfg.generation.fps))
+                r.update(status="ok", output_uri=uri)
+            except Exception as e:  # noqa: BLE001
+                _fail(r, e)
+        r["t_write_s"] = time.perf_counter() - start
+        rec = {c: r.get(c) for c in RESULT_COLUMNS}
+        if rec["status"] == "ok":  # a sidecar per finished row: results survive a killed driver
+            write_bytes_atomic(safe_child(join(cfg.output, "rows"), f"{r['sample_id']}.json"), json.dumps(rec).encode())
+        out.append(rec)
+    return pd.DataFrame(out, columns=RESULT_COLUMNS)
