@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import posixpath
 import time
 
 import pandas as pd
@@ -33,8 +34,10 @@ RESULTS_NAME = "results.parquet"
 # --- the driver ---
 
 def load_previous_results(output: str) -> dict[str, dict]:
-    """Rows finished by earlier runs: the results table plus per-row sidecars written after it."""
-    from video2lora.storage import list_files
+    """Rows finished by earlier runs: the results table, read once, plus the per-row records written after it
+    (a killed driver's). One listing of rows/; only records of rows the table does not have as `ok` are read,
+    all at once (concurrent requests on S3): a resume costs requests per listing page, not per row."""
+    from video2lora.storage import list_files, read_many
 
     done: dict[str, dict] = {}
     uri = join(output, RESULTS_NAME)
@@ -42,18 +45,27 @@ def load_previous_results(output: str) -> dict[str, dict]:
         import io
 
         table = pd.read_parquet(io.BytesIO(read_bytes(uri)))
-        for rec in table.to_dict("records"):
-            done[rec["sample_id"]] = rec
-    for f in list_files(join(output, "rows"), suffix=".json"):
+        done = {rec["sample_id"]: rec for rec in table.to_dict("records")}
+    newer = [f for f in list_files(join(output, "rows"), suffix=".json")
+             if done.get(posixpath.basename(f)[: -len(".json")], {}).get("status") != "ok"]
+    for f, data in read_many(newer).items():
         try:
-            rec = json.loads(read_bytes(f))
+            if isinstance(data, Exception):
+                raise data
+            rec = json.loads(data)
         except (ValueError, OSError) as e:
             logger.warning("ignoring unreadable row record %s: %s", redact(f), e)
             continue
-        done.setdefault(rec["sample_id"], rec)
-        if done[rec["sample_id"]].get("status") != "ok":
+        if done.get(rec["sample_id"], {}).get("status") != "ok":
             done[rec["sample_id"]] = rec
     return done
+
+
+def finished_videos(output: str) -> set[str]:
+    """URIs of the videos under the output, from one listing (not one request per row)."""
+    from video2lora.storage import list_files
+
+    return set(list_files(join(output, "videos"), suffix=".mp4"))
 
 
 def write_results(output: str, results: dict[str, dict]) -> str:
@@ -116,12 +128,14 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     start = time.perf_counter()
     rows = resolve_uris(read_manifest(manifest_uri), manifest_uri)
     previous = load_previous_results(cfg.output)
+    videos = finished_videos(cfg.output) if previous else set()
     results: dict[str, dict] = {}
     todo = []
     for row in rows:
         sid = row["sample_id"]
         prev = previous.get(sid)
-        if prev and prev.get("status") in ("ok", "skipped") and prev.get("output_uri") and exists(prev["output_uri"]):
+        if (prev and prev.get("status") in ("ok", "skipped") and prev.get("output_uri")
+                and (prev["output_uri"] in videos or exists(prev["output_uri"]))):  # exists: an output spelt otherwise
             results[sid] = {**prev, "status": "skipped", "error": "done in an earlier run"}
             continue
         try:  # rows are checked here, on the driver; the stages then only see plain strings
