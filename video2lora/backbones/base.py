@@ -191,6 +191,15 @@ class Backbone:
     def sample_latents(self, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    def sampler_kwargs(self, prompts, negative_prompts, generators, num_frames, height, width, steps,
+                       guidance_scale) -> dict:
+        """The stock pipeline's arguments for one batch (its own sampler and CFG), latents out."""
+        return dict(
+            prompt=list(prompts), negative_prompt=list(negative_prompts), num_frames=num_frames, height=height,
+            width=width, num_inference_steps=steps, guidance_scale=guidance_scale, generator=list(generators),
+            output_type="latent", max_sequence_length=self.max_text_len, return_dict=False,
+        )
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -53,19 +53,8 @@ class CogVideoXBackbone(Backbone):
 
     def sample_latents(self, prompts, negative_prompts, generators, num_frames, height, width, steps, guidance_scale, images=None):
         """Run the stock pipeline's sampler (DDIM + CFG); returns latents (B, f, C, h, w)."""
-        kwargs = dict(
-            prompt=list(prompts),
-            negative_prompt=list(negative_prompts),
-            num_frames=num_frames,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=list(generators),
-            output_type="latent",
-            max_sequence_length=self.max_text_len,
-            return_dict=False,
-        )
+        kwargs = self.sampler_kwargs(prompts, negative_prompts, generators, num_frames, height, width, steps,
+                                     guidance_scale)
         if self.is_i2v:
             if images is None:
                 raise ValueError("the image-to-video backbone needs a first frame per row (image_uri)")

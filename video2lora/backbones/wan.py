@@ -102,19 +102,8 @@ class WanBackbone(Backbone):
         if images is not None:
             raise NotImplementedError("this Wan backbone is text-to-video; it takes no first frames")
         with torch.no_grad():
-            return self.pipe(
-                prompt=list(prompts),
-                negative_prompt=list(negative_prompts),
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=list(generators),
-                output_type="latent",
-                max_sequence_length=self.max_text_len,
-                return_dict=False,
-            )[0]
+            return self.pipe(**self.sampler_kwargs(prompts, negative_prompts, generators, num_frames, height, width,
+                                                   steps, guidance_scale))[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
