@@ -53,7 +53,8 @@ def main(argv=None):
 
     from video2lora.config import Video2LoRAConfig
     from video2lora.hypernet import Video2LoRAModel
-    from video2lora.lightlora import find_target_modules, inject_lightlora, per_sample_loras, remove_lightlora
+    from video2lora.lightlora import (checkpoint_with_loras, find_target_modules, inject_lightlora, per_sample_loras,
+                                      remove_lightlora)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -146,14 +147,19 @@ def main(argv=None):
         opt.step()
         return loss
 
-    try:
-        train_s, train_mem, _ = timed(train_step, device, warmup=1, iters=2)
-        report["train_step_s"], report["train_peak_gib"] = train_s, train_mem
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        dit.enable_gradient_checkpointing()
-        train_s, train_mem, _ = timed(train_step, device, warmup=1, iters=2)
-        report["train_step_s"], report["train_peak_gib"], report["train_gradient_checkpointing"] = train_s, train_mem, True
+    # with and without activation checkpointing of the DiT blocks (the LoRAs kept through the recomputation)
+    for checkpointing in (False, True):
+        key = "train_checkpointed" if checkpointing else "train"
+        if checkpointing:
+            dit.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_loras)
+        try:
+            train_s, train_mem, _ = timed(train_step, device, warmup=1, iters=2)
+            report[f"{key}_step_s"], report[f"{key}_peak_gib"] = train_s, train_mem
+        except torch.OutOfMemoryError:
+            report[f"{key}_step_s"] = report[f"{key}_peak_gib"] = "out of memory"
+            torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in report.items() if k.startswith(key)}), flush=True)
+    dit.disable_gradient_checkpointing()
     report["dit_grads_none"] = all(p.grad is None for p in dit.parameters())
     remove_lightlora(dit)
     del dit, opt
