@@ -16,6 +16,8 @@ Measured side by side in one run (candidates interleaved and repeated; medians a
  5. training: samples/s of 2-worker ZeRO-2 (Ray Train + DeepSpeed) against the single-process loop; peak memory
     per worker.
  6. scaling: rows/s of the batch job with 1 and 2 generation actors.
+ 7. resume at scale on a local S3 server (moto, loopback): 100,000 rows, half finished earlier: the driver's
+    seconds and S3 requests before the first new row goes to Ray, and peak memory (quick: 2,000 rows).
 Writes OUT/benchmark.json and OUT/benchmark.md (a table with Target and Met? columns) and prints the table.
 A missed target is reported as missed, never hidden; the exit code is non-zero only if a measurement crashed.
 """
@@ -40,6 +42,7 @@ from pipelines.benchmarks import fixtures, measure  # noqa: E402
 from pipelines.benchmarks.context import TARGETS, Context  # noqa: E402
 from pipelines.benchmarks.lightlora import bench_lightlora, bench_mixed_lora  # noqa: E402
 from pipelines.benchmarks.pipeline import bench_pipeline  # noqa: E402
+from pipelines.benchmarks.scale import bench_scale  # noqa: E402
 from pipelines.benchmarks.training import bench_training  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
         if a.steps:
             ctx.preset_gen["steps"] = a.steps
         sections = [("3", "lightlora", bench_lightlora), ("2", "mixed_lora", bench_mixed_lora),
-                    ("1", "pipeline", bench_pipeline), ("5", "training", bench_training)]
+                    ("1", "pipeline", bench_pipeline), ("5", "training", bench_training), ("7", "scale", bench_scale)]
         for item, name, fn in sections:
             if item in a.skip or (item == "1" and {"1", "4", "6"} <= a.skip):
                 continue

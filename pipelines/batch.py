@@ -117,15 +117,12 @@ def _remove_partial_writes(output: str) -> None:
             logger.warning("removed %s, left by an interrupted write", redact(path))
 
 
-def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True) -> dict:
-    """Run (or resume) the batch job. Returns a summary; raises TooManyFailures past --max-failures,
-    after writing the results of every finished row."""
-    import ray
-    from ray.data import ActorPoolStrategy
-    from tqdm import tqdm
-
+def plan_rows(manifest_uri: str, cfg: BatchJobConfig) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """(the manifest's rows, results of rows settled already: done earlier or refused here, rows to run with their
+    typed settings). Everything the driver does before Ray starts; on a resume its requests grow with listing
+    pages, not with rows."""
     from pipelines.manifest import read_manifest, resolve_uris, row_settings
-    start = time.perf_counter()
+
     rows = resolve_uris(read_manifest(manifest_uri), manifest_uri)
     previous = load_previous_results(cfg.output)
     videos = finished_videos(cfg.output) if previous else set()
@@ -147,6 +144,18 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
             continue
         todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
                      **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
+    return rows, results, todo
+
+
+def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True) -> dict:
+    """Run (or resume) the batch job. Returns a summary; raises TooManyFailures past --max-failures,
+    after writing the results of every finished row."""
+    import ray
+    from ray.data import ActorPoolStrategy
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    rows, results, todo = plan_rows(manifest_uri, cfg)
     limit = failure_limit(cfg.max_failures, len(rows))
     failed = sum(r["status"] == "failed" for r in results.values())
     logger.info("%d rows: %d to do, %d done earlier", len(rows), len(todo), len(rows) - len(todo) - failed)

@@ -6,6 +6,7 @@
     lightlora.py items 2 (mixed-LoRA batching) and 3 (LightLoRA overhead)
     pipeline.py  items 1, 4 and 6 (the Ray batch job against the in-process loop, scaling)
     training.py  item 5 (ZeRO-2 training against the single-process loop)
+    scale.py     item 7 (a resume of 100,000 rows on a local S3 server)
 
 Nothing here asserts a number: benchmarks are not tests.
 """
