@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
     cfg = config_from_args(a)
-    init_ray(a.ray_address, log_to_driver=False)
+    if a.ray_address:  # else run_batch_job starts Ray itself, after the checkpoint is checked (a bad one: no Ray)
+        init_ray(a.ray_address, log_to_driver=False)
     try:
         summary = run_batch_job(a.manifest, cfg, progress=not a.quiet)
     except (ManifestError, SetupError) as e:  # a bad manifest, checkpoint or backbone: refused before any work
