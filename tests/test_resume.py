@@ -2,7 +2,6 @@
 
 import json
 
-import pandas as pd
 
 from pipelines import batch
 from pipelines.stages import RESULT_COLUMNS

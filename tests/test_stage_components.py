@@ -12,7 +12,7 @@ def parameter_ids(*modules):
 
 def test_lora_predictor_holds_the_vae_encoder_and_the_hypernetwork_only(tiny_i2v_backbone_dir, tmp_path):
     from video2lora.backbones import Backbone
-    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+    from video2lora.generate import Video2LoRAGenerator
     from video2lora.predict import LoRAPredictor
 
     ckpt = save_model_for(tiny_i2v_backbone_dir, str(tmp_path / "ckpt"))
