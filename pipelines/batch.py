@@ -19,12 +19,13 @@ import pandas as pd
 
 from pipelines.common import SetupError, error_text, init_ray
 from pipelines.config import BatchJobConfig, with_placement
+from pipelines.manifest import Manifest
 from pipelines.stages import RESULT_COLUMNS, GenerateStage, HypernetStage, fetch_and_decode, write_videos
 from video2lora.storage import exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic
 
 __all__ = ["RESULTS_NAME", "RESULT_COLUMNS", "GenerateStage", "HypernetStage", "SetupError", "TooManyFailures",
            "apply_backbone_defaults", "check_artifacts", "failure_limit", "fetch_and_decode", "load_previous_results",
-           "run_batch_job", "write_results", "write_videos"]
+           "plan_job", "planned_blocks", "run_batch_job", "write_results", "write_videos"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,34 +118,53 @@ def _remove_partial_writes(output: str) -> None:
             logger.warning("removed %s, left by an interrupted write", redact(path))
 
 
-def plan_rows(manifest_uri: str, cfg: BatchJobConfig) -> tuple[list[dict], dict[str, dict], list[dict]]:
-    """(the manifest's rows, results of rows settled already: done earlier or refused here, rows to run with their
-    typed settings). Everything the driver does before Ray starts; on a resume its requests grow with listing
-    pages, not with rows."""
-    from pipelines.manifest import read_manifest, resolve_uris, row_settings
+def plan_job(manifest_uri: str, cfg: BatchJobConfig) -> tuple[Manifest, dict[str, dict]]:
+    """(the checked manifest, rows done in earlier runs as `skipped` results). Everything the driver does before Ray
+    starts; on a resume its requests grow with listing pages, not with rows, and it reads the manifest's
+    sample_id column only."""
+    from pipelines.manifest import open_manifest
 
-    rows = resolve_uris(read_manifest(manifest_uri), manifest_uri)
+    manifest = open_manifest(manifest_uri)
     previous = load_previous_results(cfg.output)
     videos = finished_videos(cfg.output) if previous else set()
     results: dict[str, dict] = {}
-    todo = []
-    for row in rows:
-        sid = row["sample_id"]
+    for sid in manifest.ids:
         prev = previous.get(sid)
         if (prev and prev.get("status") in ("ok", "skipped") and prev.get("output_uri")
                 and (prev["output_uri"] in videos or exists(prev["output_uri"]))):  # exists: an output spelt otherwise
             results[sid] = {**prev, "status": "skipped", "error": "done in an earlier run"}
-            continue
-        try:  # rows are checked here, on the driver; the stages then only see plain strings
-            for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
-                safe_child(cfg.output, name)
-            settings = row_settings(row, dataclasses.asdict(cfg.generation))
-        except ValueError as e:
-            results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed", "error": error_text(e)}
-            continue
-        todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
-                     **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
-    return rows, results, todo
+    return manifest, results
+
+
+def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig):
+    """The rows to run, with their typed settings, as DataFrames of one generation batch each, read from the
+    manifest a batch of rows at a time (never all of it at once). Rows done earlier (in `results`) are left out;
+    a row the driver refuses is added to `results` as failed, with the reason."""
+    from pipelines.manifest import row_settings
+
+    defaults = dataclasses.asdict(cfg.generation)
+    step = max(cfg.batch_size, 1)
+    todo = []
+    for rows in manifest.batches():
+        for row in rows:
+            sid = row["sample_id"]
+            if sid in results:
+                continue
+            try:  # rows are checked here, on the driver; the stages then only see plain strings
+                for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
+                    safe_child(cfg.output, name)
+                settings = row_settings(row, defaults)
+            except ValueError as e:
+                results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
+                                                                    "error": error_text(e)}
+                continue
+            todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
+                         **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
+            if len(todo) == step:
+                yield pd.DataFrame(todo)
+                todo = []
+    if todo:
+        yield pd.DataFrame(todo)
 
 
 def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True) -> dict:
@@ -155,11 +175,12 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     from tqdm import tqdm
 
     start = time.perf_counter()
-    rows, results, todo = plan_rows(manifest_uri, cfg)
-    limit = failure_limit(cfg.max_failures, len(rows))
-    failed = sum(r["status"] == "failed" for r in results.values())
-    logger.info("%d rows: %d to do, %d done earlier", len(rows), len(todo), len(rows) - len(todo) - failed)
-    if todo:
+    manifest, results = plan_job(manifest_uri, cfg)
+    ids = manifest.ids
+    limit = failure_limit(cfg.max_failures, len(ids))
+    to_run = len(ids) - len(results)
+    logger.info("%d rows: %d to do, %d done earlier", len(ids), to_run, len(results))
+    if to_run:
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
 
@@ -173,13 +194,15 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
 
     last_flush = time.perf_counter()
     stopped = None
-    if todo:
-        df = pd.DataFrame(todo)
-        # blocks of one generation batch each, cut here on the driver: a repartition would run as tasks of 1 CPU,
-        # which never get scheduled once the actors hold more than all CPUs but one (e.g. 2 generation actors +
-        # the hypernetwork actor at 0.5 CPU each on 2 CPUs), and the job would hang
-        step = max(cfg.batch_size, 1)
-        ds = ray.data.from_pandas([df.iloc[i: i + step] for i in range(0, len(df), step)])
+    # blocks of one generation batch each, cut here on the driver as the manifest is read and put in the object
+    # store one by one (the driver never holds all rows): a repartition would run as tasks of 1 CPU, which never
+    # get scheduled once the actors hold more than all CPUs but one (e.g. 2 generation actors + the hypernetwork
+    # actor at 0.5 CPU each on 2 CPUs), and the job would hang
+    blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]
+    failed = sum(r["status"] == "failed" for r in results.values())
+    todo_rows = to_run - failed
+    if blocks:
+        ds = ray.data.from_pandas_refs(blocks)
         ds = ds.map_batches(fetch_and_decode, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})
         # A dead actor (killed, node lost) is restarted and the batches it held are run again: stages are pure
@@ -199,7 +222,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint, "cfg": cfg})
         ds = ds.map_batches(write_videos, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})
-        bar = tqdm(total=len(todo), desc="videos", unit="row", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=todo_rows, desc="videos", unit="row", disable=not progress, dynamic_ncols=True)
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for rec in batch.to_dict("records"):
                 results[rec["sample_id"]] = rec
@@ -217,16 +240,16 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         bar.close()
         if not stopped:  # every write has ended: clear what a killed actor left, e.g. a LoRA file cut short
             _remove_partial_writes(cfg.output)
-    for row in rows:
-        results.setdefault(row["sample_id"], {c: None for c in RESULT_COLUMNS} | {
-            "sample_id": row["sample_id"], "status": "skipped", "error": stopped or "not run"})
+    for sid in ids:
+        results.setdefault(sid, {c: None for c in RESULT_COLUMNS} | {
+            "sample_id": sid, "status": "skipped", "error": stopped or "not run"})
     uri = write_results(cfg.output, results)
     wall = time.perf_counter() - start
     counts = pd.Series([r["status"] for r in results.values()]).value_counts().to_dict()
     made = counts.get("ok", 0)
     gen_busy = sum(float(r.get("t_generate_s") or 0) for r in results.values() if r["status"] == "ok")
     summary = {
-        "rows": len(rows), "ok": made, "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
+        "rows": len(ids), "ok": made, "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
         "wall_s": wall, "rows_per_s": made / wall if wall else 0.0,
         "generation_busy_fraction": gen_busy / (wall * max(cfg.num_gen_actors, 1)),
         "results_uri": uri, "videos_uri": join(cfg.output, "videos"),

@@ -37,34 +37,70 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
 
 
-def read_manifest(uri: str) -> list[dict]:
-    """Read and check a Parquet manifest (file or directory, local or s3://). Raises ManifestError."""
+class Manifest:
+    """A checked manifest, not yet read: its schema and sample ids are checked, its rows are read in batches
+    (`batches`), so a 100k-row manifest is never all in the driver at once."""
+
+    def __init__(self, uri: str, dataset: pads.Dataset, ids: list[str], base: str):
+        self.uri, self.dataset, self.ids, self.base = uri, dataset, ids, base
+        self.columns = [c for c in dataset.schema.names if c in REQUIRED or c in OPTIONAL]
+
+    def batches(self, rows: int = 4096):
+        """Lists of row dicts, `rows` at a time, in manifest order; optional columns filled with None, relative
+        reference/image paths resolved against the manifest's folder."""
+        for batch in self.dataset.to_batches(columns=self.columns, batch_size=rows):
+            out = batch.to_pylist()  # keeps null (None: use the default) apart from NaN (an error)
+            for r in out:
+                for col in OPTIONAL:
+                    r.setdefault(col, None)
+            yield resolve_uris(out, self.base)
+
+
+def _read_failed(uri: str, e: Exception) -> ManifestError:
+    # OSError, ArrowInvalid, botocore's own errors...: all mean the same here
+    return ManifestError(f"cannot read manifest {redact(uri)}: {type(e).__name__}: {redact(str(e))}")
+
+
+def open_manifest(uri: str) -> Manifest:
+    """Check a Parquet manifest (file or directory, local or s3://) before any work starts: its schema, and that
+    every row has a sample_id and no two the same. Reads the footer and the sample_id column only. Raises
+    ManifestError."""
     if has_credentials(uri):  # a library's message could quote them in pieces; the URI is not shown either
         raise ManifestError("the manifest URI has credentials in it (user:password@...): give them to the job's environment instead")
     fs, path = fs_and_path(uri)
     try:
-        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-    except Exception as e:  # noqa: BLE001 - OSError, ArrowInvalid, botocore's own errors...: all mean the same here
-        raise ManifestError(f"cannot read manifest {redact(uri)}: {type(e).__name__}: {redact(str(e))}") from None
-    schema = table.schema
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        schema = dataset.schema
+    except Exception as e:  # noqa: BLE001
+        raise _read_failed(uri, e) from None
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
         raise ManifestError(f"manifest {redact(uri)} lacks required column(s) {missing}; it has {schema.names}")
     for col, kind in {**REQUIRED, **OPTIONAL}.items():
         if col in schema.names and not _type_ok(kind, schema.field(col).type):
             raise ManifestError(f"manifest column {col!r} has type {schema.field(col).type}, expected {kind}")
-    rows = table.to_pylist()  # keeps null (None: use the default) apart from NaN (an error)
-    no_id = [i for i, r in enumerate(rows) if not r["sample_id"]]
+    try:
+        ids = dataset.to_table(columns=["sample_id"]).column("sample_id").to_pylist()
+    except Exception as e:  # noqa: BLE001
+        raise _read_failed(uri, e) from None
+    no_id = [i for i, sid in enumerate(ids) if not sid]
     if no_id:
         raise ManifestError(f"manifest rows {no_id[:10]} have no sample_id")
-    ids = pd.Series([r["sample_id"] for r in rows])
-    dup = ids[ids.duplicated()].unique().tolist()
+    series = pd.Series(ids)
+    dup = series[series.duplicated()].unique().tolist()
     if dup:
         raise ManifestError(f"duplicate sample_id values: {dup[:10]}{' ...' if len(dup) > 10 else ''}")
-    for r in rows:
-        for col in OPTIONAL:
-            r.setdefault(col, None)
-    return rows
+    base = uri if fs.isdir(path) else uri.rsplit("/", 1)[0] if "/" in uri else "."
+    return Manifest(uri, dataset, ids, base)
+
+
+def read_manifest(uri: str) -> list[dict]:
+    """Every row of a checked manifest at once (small manifests; the batch job reads `open_manifest(...).batches()`)."""
+    manifest = open_manifest(uri)
+    try:
+        return [r for batch in manifest.batches() for r in batch]
+    except Exception as e:  # noqa: BLE001
+        raise _read_failed(uri, e) from None
 
 
 # what row_settings returns: the typed per-row columns the batch stages read (str, int or float, never JSON)
@@ -110,14 +146,13 @@ def row_settings(row: dict, defaults: dict) -> dict:
     return out
 
 
-def resolve_uris(rows: list[dict], manifest_uri: str) -> list[dict]:
-    """Relative reference/image paths are relative to the manifest's folder, so a manifest travels with its clips."""
+def resolve_uris(rows: list[dict], base: str) -> list[dict]:
+    """Relative reference/image paths are relative to the manifest's folder `base`, so a manifest travels with its
+    clips."""
     import posixpath
 
     from video2lora.storage import join
 
-    fs, path = fs_and_path(manifest_uri)
-    base = manifest_uri if fs.isdir(path) else manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
     for r in rows:
         for col in ("reference_uri", "image_uri"):
             v = r.get(col)

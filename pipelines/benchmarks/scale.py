@@ -1,7 +1,8 @@
 """Item 7: a resume at scale on a local S3 server (moto, 127.0.0.1 only): a manifest of N rows of which half were
 finished earlier (in results.parquet, their videos present) and a few more only as row records (a killed
 driver's). Measured: seconds and S3 requests the driver spends before it hands the first new row to Ray
-(`pipelines.batch.plan_rows`), and the driver's peak memory."""
+(`pipelines.batch.plan_job`, then `planned_blocks`: the manifest read a batch of rows at a time), and the
+driver's peak memory."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def seed(rows: int, finished: int, killed: int) -> tuple[str, str]:
 
 
 def bench_scale(ctx: Context) -> dict:
-    from pipelines.batch import plan_rows
+    from pipelines.batch import plan_job, planned_blocks
     from pipelines.config import BatchJobConfig
     from video2lora.config import GenerationConfig
 
@@ -108,7 +109,9 @@ def bench_scale(ctx: Context) -> dict:
         cfg = BatchJobConfig(output=out, generation=GenerationConfig(num_frames=9, height=32, width=32))
         before = server.requests
         start = time.perf_counter()
-        all_rows, settled, todo = plan_rows(manifest, cfg)
+        plan, settled = plan_job(manifest, cfg)
+        skipped = len(settled)
+        todo = sum(len(block) for block in planned_blocks(plan, settled, cfg))  # the job ray.puts each block
         seconds = time.perf_counter() - start
         requests = server.requests - before
     finally:
@@ -119,8 +122,7 @@ def bench_scale(ctx: Context) -> dict:
             else:
                 os.environ[k] = v
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the whole benchmark process
-    skipped = sum(r["status"] == "skipped" for r in settled.values())
-    assert len(all_rows) == rows and skipped == finished + killed and len(todo) == rows - skipped, (skipped, len(todo))
+    assert len(plan.ids) == rows and skipped == finished + killed and todo == rows - skipped, (skipped, todo)
     name = f"resume of {rows:,} rows ({finished:,} in results.parquet, {killed:,} as row records), local S3"
     return {"table": [
         row(7, f"{name}: driver seconds until the first new row is handed to Ray", seconds, "s", TARGETS["seconds"],
@@ -129,4 +131,4 @@ def bench_scale(ctx: Context) -> dict:
         row(7, "benchmark process peak RSS (includes torch and the other items)", peak_gib, "GiB", TARGETS["peak_gib"],
             peak_gib < TARGETS["peak_gib"]),
     ], "details": {"rows": rows, "finished": finished, "killed": killed, "seconds": seconds, "requests": requests,
-                   "to_do": len(todo), "peak_rss_gib": peak_gib}}
+                   "to_do": todo, "peak_rss_gib": peak_gib}}
