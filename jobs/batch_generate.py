@@ -10,6 +10,7 @@ Running the same command again resumes: rows already done are skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipelines import defaults  # noqa: E402
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
 from pipelines.common import ManifestError, SetupError, init_ray  # noqa: E402
-from pipelines.config import BatchJobConfig  # noqa: E402
+from pipelines.config import BatchJobConfig, add_step_cost_args, step_cost_overrides  # noqa: E402
+from video2lora.backbones.step_cost import check_step_options  # noqa: E402
 from video2lora.config import GenerationConfig  # noqa: E402
 
 
@@ -50,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=None, help=f"CFG scale (paper: {g.guidance_scale})")
     p.add_argument("--lora-strength", type=float, default=g.lora_strength)
     p.add_argument("--seed", type=int, default=g.seed)
+    add_step_cost_args(p)
     p.add_argument("--ray-address", default=None, help="default: the cluster of `ray job submit`, else a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -62,6 +65,8 @@ def config_from_args(a: argparse.Namespace) -> BatchJobConfig:
     for name in ("num_frames", "height", "width", "steps", "guidance_scale"):
         if getattr(a, name) is not None:
             setattr(g, name, getattr(a, name))
+    g = dataclasses.replace(g, **step_cost_overrides(a))
+    check_step_options(g.step_cache, g.step_cache_interval, g.step_cache_timesteps, g.step_cache_threshold)
     cfg = BatchJobConfig(
         backbone=backbone, checkpoint=checkpoint, output=a.output, generation=g, batch_size=a.batch_size,
         hyper_batch_size=a.hyper_batch_size, num_hyper_actors=a.num_hyper_actors, num_gen_actors=a.num_gen_actors,
@@ -76,7 +81,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
-    cfg = config_from_args(a)
+    try:
+        cfg = config_from_args(a)
+    except ValueError as e:  # a bad step-cost setting: refused before Ray starts, naming the field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.ray_address:  # else run_batch_job starts Ray itself, after the checkpoint is checked (a bad one: no Ray)
         init_ray(a.ray_address, log_to_driver=False)
     try:

@@ -18,6 +18,8 @@ Measured side by side in one run (candidates interleaved and repeated; medians a
  6. scaling: rows/s of the batch job with 1 and 2 generation actors.
  7. resume at scale on a local S3 server (moto, loopback): 100,000 rows, half finished earlier: the driver's
     seconds and S3 requests before the first new row goes to Ray, and peak memory (quick: 2,000 rows).
+ 8. cheaper steps: DiT evaluations and DiT compute per video under each step cache, compiled blocks, fused q/k/v
+    and the shipped default, against the stock diffusers pipeline with one LoRA loaded; PSNR against uncached.
 Writes OUT/benchmark.json and OUT/benchmark.md (a table with Target and Met? columns) and prints the table.
 A missed target is reported as missed, never hidden; the exit code is non-zero only if a measurement crashed.
 """
@@ -43,6 +45,7 @@ from pipelines.benchmarks.context import TARGETS, Context  # noqa: E402
 from pipelines.benchmarks.lightlora import bench_lightlora, bench_mixed_lora  # noqa: E402
 from pipelines.benchmarks.pipeline import bench_pipeline  # noqa: E402
 from pipelines.benchmarks.scale import bench_scale  # noqa: E402
+from pipelines.benchmarks.step_cost import bench_step_cost  # noqa: E402
 from pipelines.benchmarks.training import bench_training  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -62,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-rounds", type=int, default=None, help="rounds of item 2 (default 3; quick 1)")
     p.add_argument("--step-rounds", type=int, default=None, help="interleaved forwards of item 3 (default 40; quick 10)")
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of item 5 (default 16; quick 4)")
+    p.add_argument("--cost-videos", type=int, default=None, help="videos per option in item 8 (default 2; quick 1)")
+    p.add_argument("--cost-rounds", type=int, default=None, help="side-by-side rounds of item 8 (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of every measured process (driver, actors, workers); the same everywhere "
                         "so no comparison is about thread counts. On a shared 2-core machine 1 is fastest.")
@@ -79,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.mixed_rounds = a.mixed_rounds or (1 if q else 3)
     a.step_rounds = a.step_rounds or (10 if q else 40)
     a.train_steps = a.train_steps or (4 if q else 16)
+    a.cost_videos = a.cost_videos or (1 if q else 2)
+    a.cost_rounds = a.cost_rounds or (1 if q else 3)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -154,7 +161,8 @@ def main(argv=None) -> int:
         if a.steps:
             ctx.preset_gen["steps"] = a.steps
         sections = [("3", "lightlora", bench_lightlora), ("2", "mixed_lora", bench_mixed_lora),
-                    ("1", "pipeline", bench_pipeline), ("5", "training", bench_training), ("7", "scale", bench_scale)]
+                    ("1", "pipeline", bench_pipeline), ("5", "training", bench_training), ("7", "scale", bench_scale),
+                    ("8", "step_cost", bench_step_cost)]
         for item, name, fn in sections:
             if item in a.skip or (item == "1" and {"1", "4", "6"} <= a.skip):
                 continue

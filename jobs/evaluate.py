@@ -24,6 +24,7 @@ effect in `sheets/` (reference next to the generated frames of each method) so a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from pipelines.config import add_step_cost_args, step_cost_overrides  # noqa: E402
 from video2lora.effects.evaluation import (  # noqa: E402
     QUICK_EFFECTS, build_rows, contact_sheets, score, table, train_judge)
 
@@ -43,7 +45,8 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 # --------------------------------------------------------------------------------------------- generation
-def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance) -> dict:
+def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance,
+                 step_cost: dict | None = None) -> dict:
     """video2lora + no_lora rows through the Ray batch pipeline (one job; strength 0 = the bare backbone)."""
     import pandas as pd
 
@@ -59,7 +62,7 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
                              "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
     path = os.path.join(out, "manifest.parquet")
     pd.DataFrame(manifest).to_parquet(path, index=False)
-    g = GenerationConfig()
+    g = GenerationConfig(**(step_cost or {}))
     explicit = set()
     if steps:
         g.steps, explicit = steps, explicit | {"steps"}
@@ -76,7 +79,9 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
                            f"{failed.sample_id.iloc[0]}: {failed.error.iloc[0]}")
     return {"summary": summary, "generation": dict(num_frames=cfg.generation.num_frames, height=cfg.generation.height,
                                                    width=cfg.generation.width, steps=cfg.generation.steps,
-                                                   guidance_scale=cfg.generation.guidance_scale)}
+                                                   guidance_scale=cfg.generation.guidance_scale),
+            "step_cost": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
+                          if k.startswith(("step_cache", "compile", "fuse"))}}
 
 
 def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int) -> None:
@@ -100,6 +105,27 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
         logger.info("per-effect LoRA rows %d/%d", min(i + batch_size, len(todo)), len(todo))
 
 
+def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict:
+    """Per method: mean and standard error of the PSNR (dB, frames in [-1, 1]) of each row's video against the
+    same file in `against` (a row whose two videos are identical counts as 100 dB, so the mean stays finite)."""
+    import numpy as np
+
+    from video2lora.video_io import read_video
+
+    by: dict[str, list[float]] = {}
+    for r in results:
+        name = f"{r['method']}__{r['name']}.mp4"
+        mine, theirs = os.path.join(out, "gen", "videos", name), os.path.join(against, "gen", "videos", name)
+        if not os.path.exists(theirs):
+            raise FileNotFoundError(f"--against {against}: no {name} there (run it with the same --seed and --effects)")
+        size = (gen["num_frames"], gen["height"], gen["width"])
+        v, w = read_video(mine, *size), read_video(theirs, *size)
+        mse = float(((v - w) ** 2).mean())
+        by.setdefault(r["method"], []).append(100.0 if mse == 0 else min(100.0, 10 * np.log10(4.0 / mse)))
+    return {m: {"rows": len(x), "psnr_db": float(np.mean(x)),
+                "psnr_db_se": float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0} for m, x in by.items()}
+
+
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-per-effect", action="store_true", help="skip the per-effect LoRA baseline")
+    p.add_argument("--against", default="", help="an earlier evaluation's output dir (same seed and effects): PSNR "
+                   "of every generated video against the same row's video there, e.g. an uncached run")
+    add_step_cost_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     p.add_argument("--train-classifier", action="store_true", help="train the judge instead (see --classifier-*)")
     p.add_argument("--classifier-train", default="outputs/effects/classifier-data/clips.parquet")
@@ -139,18 +169,27 @@ def evaluate(a: argparse.Namespace) -> dict:
     os.makedirs(a.output, exist_ok=True)
     rows = build_rows(a.output, a.seed, effects, k)
     logger.info("%d rows (%d effects x %d references), 3 methods", len(rows), len(effects), k)
-    run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale)
+    run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale,
+                       step_cost_overrides(a))
     methods = ["video2lora", "no_lora"]
-    if storage.exists(loras):
+    if a.no_per_effect:
+        pass
+    elif storage.exists(loras):
         run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size)
         methods.append("per_effect_lora")
     else:
         logger.warning("no per-effect LoRAs at %s: that baseline is skipped", loras)
     results = score(rows, a.output, classifier, methods)
     text, cells = table(results)
+    if a.against:
+        psnr = psnr_against(results, a.output, a.against, run["generation"])
+        text += "\n\nPSNR against " + a.against + " (same rows, seeds):\n\n| method | rows | PSNR dB (mean ± SE) |\n|---|---|---|\n"
+        text += "\n".join(f"| {m} | {c['rows']} | {c['psnr_db']:.1f} ± {c['psnr_db_se']:.1f} |" for m, c in psnr.items())
+        for m, c in psnr.items():
+            cells[f"{m}/psnr_against"] = c
     sheets = contact_sheets(rows, results, a.output)
     report = {"checkpoint": a.checkpoint, "backbone": backbone, "classifier": classifier, "seed": a.seed,
-              "quick": a.quick, "effects": effects, "refs_per_effect": k, "generation": run["generation"],
+              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "generation": run["generation"],
               "table": cells, "rows": results, "sheets": sheets, "wall_s": time.perf_counter() - start}
     ck = storage.join(classifier, "report.json")
     if storage.exists(ck):

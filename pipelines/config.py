@@ -58,3 +58,39 @@ def with_placement(cfg: BatchJobConfig, cluster_gpus: float) -> BatchJobConfig:
     if cfg.hyper_num_gpus is None and actors * gen + hyper * cfg.num_hyper_actors > cluster_gpus + 1e-9:
         hyper = 0.0  # the generation actors asked for every GPU: the hypernetwork stage runs on CPU
     return dataclasses.replace(cfg, hyper_num_gpus=hyper, gen_num_gpus=gen, num_gen_actors=actors)
+
+
+# ---- the step-cost flags of the jobs (jobs/batch_generate.py, jobs/evaluate.py): GenerationConfig's fields
+def add_step_cost_args(p) -> None:
+    """`--step-cache`, `--step-cache-interval`, `--step-cache-threshold`, `--step-cache-timesteps`,
+    `--compile-blocks on|off`, `--fuse-qkv on|off`; unset flags keep GenerationConfig's defaults."""
+    from video2lora.backbones.step_cost import STEP_CACHES
+
+    g = GenerationConfig()
+    p.add_argument("--step-cache", default=None, choices=STEP_CACHES, help=f"diffusers step cache (default: {g.step_cache})")
+    p.add_argument("--step-cache-interval", type=int, default=None,
+                   help=f"compute every Nth step (pyramid_attention, faster, taylorseer; default {g.step_cache_interval})")
+    p.add_argument("--step-cache-threshold", type=float, default=None,
+                   help=f"first_block: reuse while the first block changes less than this (default {g.step_cache_threshold})")
+    p.add_argument("--step-cache-timesteps", default=None, metavar="LOW,HIGH",
+                   help=f"timestep window (0-1000) where outputs may be reused (default {','.join(map(str, g.step_cache_timesteps))})")
+    p.add_argument("--compile-blocks", default=None, choices=("on", "off"), help="torch.compile each DiT block")
+    p.add_argument("--fuse-qkv", default=None, choices=("on", "off"), help="fused q/k/v projections with the LoRAs")
+
+
+def step_cost_overrides(a) -> dict:
+    """The GenerationConfig fields the step-cost flags set (only those given)."""
+    out = {}
+    for name in ("step_cache", "step_cache_interval", "step_cache_threshold"):
+        if getattr(a, name, None) is not None:
+            out[name] = getattr(a, name)
+    if getattr(a, "step_cache_timesteps", None):
+        try:
+            low, high = (int(v) for v in a.step_cache_timesteps.split(","))
+        except ValueError:
+            raise ValueError(f"--step-cache-timesteps={a.step_cache_timesteps!r}: give LOW,HIGH, e.g. 100,800") from None
+        out["step_cache_timesteps"] = (low, high)
+    for name in ("compile_blocks", "fuse_qkv"):
+        if getattr(a, name, None) is not None:
+            out[name] = getattr(a, name) == "on"
+    return out

@@ -601,7 +601,20 @@ def test_entrypoints_parse(rendered, values):
         "--gen-num-gpus": str(values["GEN_NUM_GPUS"]),
         "--num-hyper-actors": str(values["NUM_HYPER_ACTORS"]),
         "--hyper-num-gpus": str(values["HYPER_NUM_GPUS"]),
+        "--step-cache": values["STEP_CACHE"],
+        "--step-cache-interval": str(values["STEP_CACHE_INTERVAL"]),
+        "--step-cache-threshold": str(values["STEP_CACHE_THRESHOLD"]),
+        "--compile-blocks": values["COMPILE_BLOCKS"],
+        "--fuse-qkv": values["FUSE_QKV"],
     }
+    # the job's own parser takes the rendered arguments (a YAML scalar such as off must not turn into false)
+    from jobs.batch_generate import parse_args
+    from pipelines.config import step_cost_overrides
+
+    got = step_cost_overrides(parse_args(argv[2:]))
+    assert got == {"step_cache": values["STEP_CACHE"], "step_cache_interval": values["STEP_CACHE_INTERVAL"],
+                   "step_cache_threshold": values["STEP_CACHE_THRESHOLD"], "compile_blocks": values["COMPILE_BLOCKS"] == "on",
+                   "fuse_qkv": values["FUSE_QKV"] == "on"}
     # what the job asks for adds up to the GPU worker group's capacity
     gpus = values["NUM_GEN_ACTORS"] * values["GEN_NUM_GPUS"] + values["NUM_HYPER_ACTORS"] * values["HYPER_NUM_GPUS"]
     assert gpus <= values["GPU_WORKERS_MAX"] * values["GPUS_PER_WORKER"]

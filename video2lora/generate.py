@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbones import Backbone
+from .backbones.step_cost import BATCH_COUPLED, StepCost
 from .config import GenerationConfig, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
@@ -122,8 +123,18 @@ class Video2LoRAGenerator:
         """Names of the layers LoRAs apply to, in order: the hypernetwork's; without one, the layers matching
         `patterns` (default: the backbone's lora targets), LightLoRA-wrapped on the first call."""
         if not self.layer_names:
+            if self.step_cost.fused:
+                raise ValueError("fuse_qkv fused the projections before any LoRA layers were chosen; call "
+                                 "adapted_layers() first")
             self.layer_names = inject_lightlora(self.backbone.transformer, patterns or self.backbone.lora_targets)
         return self.layer_names
+
+    @property
+    def step_cost(self) -> StepCost:
+        """The step cache / compiled blocks / fused projections the backbone runs with (GenerationConfig)."""
+        if getattr(self, "_step_cost", None) is None:
+            self._step_cost = StepCost(self.backbone)
+        return self._step_cost
 
     def generate(self, requests: list[GenerationRequest], num_frames=None, height=None, width=None,
                  steps=None, guidance_scale=None, timings: GenerationTimings | None = None,
@@ -136,6 +147,10 @@ class Video2LoRAGenerator:
         if layer_loras is not None and any(r.lora is not None or r.reference is not None for r in requests):
             raise ValueError("pass either layer_loras or per-request references / LoRAs, not both")
         c = self.config
+        if c.step_cache in BATCH_COUPLED and len(requests) > 1:  # its skip decision would mix the rows: one at a time
+            return [v for i, r in enumerate(requests) for v in self.generate(
+                [r], num_frames, height, width, steps, guidance_scale, timings,
+                None if layer_loras is None else [LayerLoRA(l.down[i: i + 1], l.up[i: i + 1]) for l in layer_loras])]
         num_frames, height, width = num_frames or c.num_frames, height or c.height, width or c.width
         steps = steps or c.steps
         guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
@@ -161,6 +176,8 @@ class Video2LoRAGenerator:
         layers = None
         if layer_loras is not None:
             self.adapted_layers()
+        self.step_cost.apply(c, steps, guidance_scale)
+        if layer_loras is not None:
             device, dtype = self.backbone.device, self.backbone.dtype
             layers = [LayerLoRA(l.down.to(device, dtype), l.up.to(device, dtype)) for l in layer_loras]
             present = torch.ones(len(requests), dtype=torch.bool)

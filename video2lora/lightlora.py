@@ -73,10 +73,13 @@ class LightLoRALinear(nn.Module):
         per layer, not the 8 small gather/scale/copy ops it took to rebuild them on every forward. With gradients
         (training) they are rebuilt on every forward, so the autograd graph is always the current one."""
         lora, scale_rows, index = self.lora, self.row_scale, self.row_index
+        # inside torch.compile the factors are computed in the graph from the LoRA tensors, which are graph inputs:
+        # no identity check on them (a guard on object identity would recompile for every new batch of LoRAs)
+        compiling = torch.compiler.is_compiling()
         key = (batch, dtype, device, torch.is_inference_mode_enabled())
         cached = self._rows
-        if (cached is not None and not torch.is_grad_enabled() and cached[0] is lora and cached[1] is scale_rows and cached[2] is index
-                and cached[3] == key):
+        if (not compiling and cached is not None and not torch.is_grad_enabled() and cached[0] is lora
+                and cached[1] is scale_rows and cached[2] is index and cached[3] == key):
             return cached[4], cached[5]
         num_loras = lora.down.shape[0]
         if index is None:
@@ -87,10 +90,94 @@ class LightLoRALinear(nn.Module):
         scale = scale_rows[index].to(device, dtype)
         down_t = lora.down[index].to(device, dtype).transpose(1, 2)  # (B, in, r)
         up_t = (lora.up[index].to(device, dtype) * scale[:, None, None]).transpose(1, 2)  # (B, r, out), strength folded in
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not compiling:
             self._rows = (lora, scale_rows, self.row_index, key, down_t.contiguous(), up_t.contiguous())
             return self._rows[4], self._rows[5]
         return down_t, up_t
+
+
+class FusedLightLoRALinear(nn.Module):
+    """diffusers' fused q/k/v projection (`fuse_qkv_projections`: one `to_qkv` linear) with the per-sample LoRAs
+    of the three LightLoRA layers it replaces: one base GEMM, one LoRA down-projection with the three down factors
+    concatenated (B, in, 3r), and one up-projection with a block-diagonal (B, 3r, 3 out) up factor. It equals
+    to_q, to_k, to_v applied one by one (`tests/test_step_cost.py`). The three LightLoRA layers stay where they
+    are and keep receiving the LoRAs by name (`set_loras`); this layer reads them at each forward."""
+
+    def __init__(self, base: nn.Linear, parts: tuple[LightLoRALinear, ...]):
+        super().__init__()
+        self.base = base
+        self.parts = tuple(parts)  # a plain tuple: not registered again as submodules (no duplicate weights)
+        self._fused: tuple | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if all(p.lora is None for p in self.parts):
+            return y
+        if any(p.lora is None for p in self.parts):
+            raise ValueError("fused q/k/v projection: some of q, k, v have a LoRA and some not; set all or none")
+        batch = x.shape[0]
+        down_t, up_t = self._row_factors(batch, x.dtype, x.device)
+        xs = x.reshape(batch, -1, x.shape[-1])
+        y.view(batch, -1, y.shape[-1]).baddbmm_(torch.bmm(xs, down_t), up_t)  # in place, as LightLoRALinear
+        return y
+
+    def _row_factors(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        factors = [p._row_factors(batch, dtype, device) for p in self.parts]
+        compiling = torch.compiler.is_compiling()
+        cached = self._fused
+        if (not compiling and not torch.is_grad_enabled() and cached is not None
+                and all(a is b for a, b in zip(cached[0], factors))):
+            return cached[1], cached[2]
+        down_t = torch.cat([d for d, _ in factors], dim=2)  # (B, in, 3r)
+        ups = [u for _, u in factors]
+        up_t = ups[0].new_zeros(batch, sum(u.shape[1] for u in ups), sum(u.shape[2] for u in ups))
+        r0 = c0 = 0
+        for u in ups:  # block diagonal: q's rank only reaches q's outputs, and so on
+            up_t[:, r0: r0 + u.shape[1], c0: c0 + u.shape[2]] = u
+            r0, c0 = r0 + u.shape[1], c0 + u.shape[2]
+        if not torch.is_grad_enabled() and not compiling:
+            self._fused = (factors, down_t, up_t)
+        return down_t, up_t
+
+
+def fuse_qkv_lightlora(transformer: nn.Module) -> int:
+    """Fuse every self-attention's q/k/v projections (diffusers' own `fuse_qkv_projections`), keeping the LoRAs:
+    each new `to_qkv` becomes a FusedLightLoRALinear over the three LightLoRA layers. The separate q, k, v base
+    weights become views into the fused weight, so fusing costs no memory. Returns the number of fused layers."""
+    wrapped = 0
+    attentions = [m for m in transformer.modules() if all(isinstance(getattr(m, n, None), nn.Module) for n in ("to_q", "to_k", "to_v"))]
+    for attn in attentions:
+        kinds = [isinstance(getattr(attn, n), LightLoRALinear) for n in ("to_q", "to_k", "to_v")]
+        if any(kinds) and not all(kinds):
+            raise ValueError("fused q/k/v projections need to_q, to_k and to_v all adapted by the LoRA or none of "
+                             "them (the checkpoint's target_modules adapt only some)")
+    transformer.fuse_qkv_projections()
+    for attn in attentions:
+        fused = getattr(attn, "to_qkv", None)
+        if fused is None or isinstance(fused, FusedLightLoRALinear):
+            continue
+        parts = tuple(getattr(attn, n) for n in ("to_q", "to_k", "to_v"))
+        start = 0
+        with torch.no_grad():  # share storage: q/k/v base weights are now slices of the fused one
+            for part in parts:
+                lin = part.base if isinstance(part, LightLoRALinear) else part
+                rows = lin.out_features
+                lin.weight = nn.Parameter(fused.weight[start: start + rows], requires_grad=False)
+                if lin.bias is not None and fused.bias is not None:
+                    lin.bias = nn.Parameter(fused.bias[start: start + rows], requires_grad=False)
+                start += rows
+        if isinstance(parts[0], LightLoRALinear):
+            attn.to_qkv = FusedLightLoRALinear(fused, parts)
+            wrapped += 1
+    return wrapped
 
 
 def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -123,7 +210,7 @@ def inject_lightlora(model: nn.Module, patterns) -> list[str]:
 
 def remove_lightlora(model: nn.Module) -> int:
     """Put the original linear modules back; the model is then exactly as before injection."""
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LightLoRALinear)]
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (LightLoRALinear, FusedLightLoRALinear))]
     for name, module in wrapped:
         _set_submodule(model, name, module.base)
     return len(wrapped)

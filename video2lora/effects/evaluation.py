@@ -104,7 +104,14 @@ def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict
     return results
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); 0 for a single value)."""
+    x = np.asarray(values, dtype=float)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
 def table(results: list[dict]) -> tuple[str, dict]:
+    """The markdown table (every cell: mean ± standard error over its rows) and the same numbers as a dict."""
     cells = {}
     compound = any("+" in r["effect"] for r in results)  # then also: motion and look, each on its own
     extra = " motion accuracy | look accuracy |" if compound else ""
@@ -115,16 +122,15 @@ def table(results: list[dict]) -> tuple[str, dict]:
             sel = [r for r in results if r["method"] == method and r["split"] == split]
             if not sel:
                 continue
-            acc = float(np.mean([r["effect_ok"] for r in sel]))
-            content = float(np.mean([r["content"] for r in sel]))
-            cell = {"rows": len(sel), "effect_accuracy": acc, "content_fidelity": content}
-            row = f"| {method} | {split} | {len(sel)} | {acc:.2f} |"
-            if compound:
-                cell["motion_accuracy"] = float(np.mean([r["motion_ok"] for r in sel]))
-                cell["look_accuracy"] = float(np.mean([r["look_ok"] for r in sel]))
-                row += f" {cell['motion_accuracy']:.2f} | {cell['look_accuracy']:.2f} |"
+            cell = {"rows": len(sel)}
+            keys = ["effect_accuracy"] + (["motion_accuracy", "look_accuracy"] if compound else []) + ["content_fidelity"]
+            fields = {"effect_accuracy": "effect_ok", "motion_accuracy": "motion_ok", "look_accuracy": "look_ok",
+                      "content_fidelity": "content"}
+            for key in keys:
+                cell[key], cell[key + "_se"] = mean_se([float(r[fields[key]]) for r in sel])
             cells[f"{method}/{split}"] = cell
-            lines.append(row + f" {content:.2f} |")
+            lines.append(f"| {method} | {split} | {len(sel)} | "
+                         + " | ".join(f"{cell[k]:.2f} ± {cell[k + '_se']:.2f}" for k in keys) + " |")
     per_effect = {}
     for r in results:
         per_effect.setdefault(r["effect"], {}).setdefault(r["method"], []).append(r["effect_ok"])

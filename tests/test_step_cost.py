@@ -1,0 +1,140 @@
+"""Cheaper steps with per-sample LoRAs (video2lora/backbones/step_cost.py): under every step cache, fused q/k/v
+projections and compiled blocks, a batch of rows with different LoRAs (CFG on) is each row alone under the same
+option, strength 0 is the bare backbone under that option, and the option does change the computation."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_model, random_clips
+
+from video2lora.backbones import Backbone
+from video2lora.backbones.step_cost import STEP_CACHES
+from video2lora.config import GenerationConfig
+from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+from video2lora.lightlora import FusedLightLoRALinear, LayerLoRA, LightLoRALinear
+
+# 4 DDIM steps (timesteps 999, 749, 499, 249): steps 2-4 lie in the cache window, so every cache reuses something
+GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=4, guidance_scale=6.0,
+                       step_cache_timesteps=(100, 800))
+PROMPTS = ["a red circle", "a blue square", "a green ring"]
+
+
+def make_generator(backbone_dir, **options) -> Video2LoRAGenerator:
+    backbone = Backbone.from_pretrained(backbone_dir, device="cpu")
+    return Video2LoRAGenerator(backbone, make_model(backbone), dataclasses.replace(GEN, **options))
+
+
+def count_attention(generator) -> dict:
+    """Counts the self-attention projections each block actually computes (a cached step skips them)."""
+    counts = {"q": 0}
+    for block in generator.backbone.transformer.transformer_blocks:
+        block.attn1.to_q.base.register_forward_pre_hook(lambda m, a: counts.__setitem__("q", counts["q"] + 1))
+    return counts
+
+
+def check_mixed_batch(generator):
+    """The test_model.py mixed-batch check under the generator's options: a batch of two LoRA rows and a bare one
+    equals each row alone. Batched float reductions differ from batch-of-one ones in the last bits and CFG 6
+    amplifies that at a few saturated pixels, so the bound is relative to a LoRA's effect: each row is its own
+    LoRA's video, far closer to it than to the bare video (a neighbour's LoRA would fail it, see test_model.py)."""
+    refs = random_clips(2, seed=1) + [None]
+    reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(PROMPTS, refs, [1, 2, 3])]
+    batch = generator.generate(reqs)
+    for req, video in zip(reqs, batch):
+        bare = generator.generate([GenerationRequest(req.prompt, seed=req.seed)])[0]
+        if req.reference is None:
+            torch.testing.assert_close(video, bare, atol=1e-4, rtol=0)
+            continue
+        alone = generator.generate([GenerationRequest(req.prompt, reference=req.reference, seed=req.seed)])[0]
+        effect, error = (bare - alone).abs(), (video - alone).abs()
+        assert effect.mean() > 0.05
+        assert error.mean() < 0.01 * effect.mean(), (error.mean(), effect.mean())
+        assert error.max() < 0.1 * effect.max(), (error.max(), effect.max())
+        # strength 0 under the same option is the bare backbone, bit for bit
+        zero = generator.generate([GenerationRequest(req.prompt, reference=req.reference, seed=req.seed,
+                                                     lora_strength=0.0)])[0]
+        assert torch.equal(zero, bare)
+    return batch
+
+
+@pytest.mark.parametrize("cache", [c for c in STEP_CACHES if c != "none"])
+def test_each_cache_keeps_rows_apart_and_skips_work(tiny_backbone_dir, cache):
+    plain = make_generator(tiny_backbone_dir)
+    cached = make_generator(tiny_backbone_dir, step_cache=cache, step_cache_threshold=0.5)
+    counts = {name: count_attention(g) for name, g in (("plain", plain), ("cached", cached))}
+    req = [GenerationRequest("a red circle", reference=random_clips(1, seed=1)[0], seed=1)]
+    base, fast = plain.generate(req)[0], cached.generate(req)[0]
+    blocks = len(plain.backbone.transformer.transformer_blocks)
+    assert counts["plain"]["q"] == GEN.steps * blocks
+    assert counts["cached"]["q"] < counts["plain"]["q"], cache  # the cache did skip attention
+    assert not torch.equal(base, fast)  # ... and so changed the video (how much is measured, not tested)
+    check_mixed_batch(cached)
+
+
+def test_fused_qkv_layer_equals_three_layers():
+    """One base GEMM + one down-projection over concatenated factors + block-diagonal up = q, k, v one by one."""
+    torch.manual_seed(0)
+    width, rank, loras = 24, 2, 3
+    parts = [LightLoRALinear(torch.nn.Linear(width, width)) for _ in range(3)]
+    fused_base = torch.nn.Linear(width, 3 * width)
+    with torch.no_grad():
+        fused_base.weight.copy_(torch.cat([p.base.weight for p in parts]))
+        fused_base.bias.copy_(torch.cat([p.base.bias for p in parts]))
+    fused = FusedLightLoRALinear(fused_base, tuple(parts))
+    strengths = torch.tensor([1.0, 0.0, 0.7])  # a strength-0 row among them
+    for p in parts:
+        p.lora = LayerLoRA(torch.randn(loras, rank, width), torch.randn(loras, width, rank))
+        p.row_scale, p.row_index = strengths, None
+    x = torch.randn(2 * loras, 10, width)  # a CFG batch: [uncond rows, cond rows]
+    with torch.no_grad():
+        want = torch.cat([p(x) for p in parts], dim=-1)
+        got = fused(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        bare = fused_base(x)
+        assert torch.equal(got[1], bare[1]) and torch.equal(got[4], bare[4])  # strength 0: the base output exactly
+        assert (got - bare).abs().max() > 0.1
+
+
+def test_fused_generation_equals_unfused(tiny_backbone_dir):
+    plain, fused = make_generator(tiny_backbone_dir), make_generator(tiny_backbone_dir, fuse_qkv=True)
+    reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(PROMPTS, random_clips(2, seed=1) + [None], [1, 2, 3])]
+    want = plain.generate(reqs)
+    got = check_mixed_batch(fused)
+    assert sum(isinstance(m, FusedLightLoRALinear) for m in fused.backbone.transformer.modules()) == 2
+    for g, w in zip(got, want):
+        # fused vs separate GEMMs differ in the last bits, amplified by CFG as in the mixed-batch check
+        assert (g - w).abs().mean() < 1e-3, (g - w).abs().mean()
+    tr = fused.backbone.transformer
+    q = tr.transformer_blocks[0].attn1.to_q.base.weight
+    assert q.data_ptr() == tr.transformer_blocks[0].attn1.to_qkv.base.weight.data_ptr()  # no second copy
+
+
+def test_compiled_blocks_do_not_recompile_for_new_loras(tiny_backbone_dir):
+    """Compiled once for a batch's shape; a new batch with other LoRAs (other strengths) runs the same graphs:
+    a recompilation would raise here (error_on_recompile)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = make_generator(tiny_backbone_dir, compile_blocks=True, steps=2)
+    eager = make_generator(tiny_backbone_dir, steps=2)
+    refs = random_clips(4, seed=3)
+    first = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(PROMPTS[:2], refs[:2], [1, 2])]
+    second = [GenerationRequest(p, reference=r, seed=s, lora_strength=w)
+              for p, r, s, w in zip(PROMPTS[1:], refs[2:], [3, 4], [0.5, 1.0])]
+    got = compiled.generate(first)
+    for g, w in zip(got, eager.generate(first)):
+        assert (g - w).abs().mean() < 1e-3
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = compiled.generate(second)
+    for g, w in zip(again, eager.generate(second)):
+        assert (g - w).abs().mean() < 1e-3
+
+
+def test_bad_options_name_the_field(tiny_backbone_dir):
+    g = make_generator(tiny_backbone_dir, step_cache="teacache")
+    with pytest.raises(ValueError, match="step_cache='teacache'"):
+        g.generate([GenerationRequest("a red circle", seed=1)])
+    g.config = dataclasses.replace(GEN, step_cache="pyramid_attention", step_cache_interval=1)
+    with pytest.raises(ValueError, match="step_cache_interval=1"):
+        g.generate([GenerationRequest("a red circle", seed=1)])

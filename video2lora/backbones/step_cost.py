@@ -1,0 +1,151 @@
+"""Cheaper denoising steps with per-sample LoRAs: diffusers' own step caches, regional compilation of the DiT's
+blocks, and fused q/k/v projections, chosen by `GenerationConfig` (`step_cache`, `compile_blocks`, `fuse_qkv`).
+
+No cache is written here: each choice is a diffusers 0.42 hook config (`transformer.enable_cache(...)`). Which of
+them keep a batch of rows with different LoRAs equal to each row alone is what `tests/test_step_cost.py` checks:
+
+* `pyramid_attention`, `faster`, `taylorseer` decide what to reuse from the step index and the timestep only, so
+  every row of a batch is cached the same way it would be alone;
+* `first_block` decides from the whole DiT batch (the mean change of the first block's output over every row), so
+  a row's video would depend on its neighbours: with it the generator denoises one row (and its CFG pair) at a
+  time (`batch_coupled`), which at full size costs nothing (one 5B video already fills an H200: 4 videos take 4x
+  one video's step time, docs/measurements/).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+STEP_CACHES = ("none", "pyramid_attention", "faster", "taylorseer", "first_block")
+BATCH_COUPLED = {"first_block"}  # caches whose decision reads every row of the DiT batch together
+
+
+def check_step_options(cache: str, interval: int, timesteps, threshold: float) -> None:
+    """Raise ValueError naming the GenerationConfig field for settings no cache can take."""
+    if cache not in STEP_CACHES:
+        raise ValueError(f"step_cache={cache!r}: choose one of {', '.join(STEP_CACHES)}")
+    if int(interval) < 2:
+        raise ValueError(f"step_cache_interval={interval}: must be at least 2 (1 would reuse nothing)")
+    lo, hi = timesteps
+    if not 0 <= lo < hi <= 1000:
+        raise ValueError(f"step_cache_timesteps={tuple(timesteps)}: need 0 <= low < high <= 1000")
+    if not threshold > 0:
+        raise ValueError(f"step_cache_threshold={threshold}: must be positive")
+
+
+def _attention_patterns(backbone) -> list[str]:
+    """Regexes (re.fullmatch) naming every block's self-attention: diffusers' default patterns end in `attn`,
+    which CogVideoX's and Wan's `attn1` do not fullmatch, so TaylorSeer would hook nothing without these."""
+    return [r"transformer_blocks\.\d+\.attn1"] if backbone.kind.startswith("cogvideox") else [r"blocks\.\d+\.attn1"]
+
+
+def cache_config(backbone, cache: str, interval: int, timesteps, threshold: float, steps: int, cfg: bool = True):
+    """The diffusers hook config of one choice (None for "none"). `timesteps`: the window (0-1000 scale) where
+    attention outputs may be reused; outside it (the first, noisiest steps and the last ones) every step computes."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    pipe = backbone.pipe
+    window = (int(timesteps[0]), int(timesteps[1]))
+    if cache == "none":
+        return None
+    if cache == "pyramid_attention":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(interval),
+                                               spatial_attention_timestep_skip_range=window,
+                                               current_timestep_callback=lambda: pipe.current_timestep)
+    if cache == "faster":
+        # FasterCache reuses attention only on steps where it also skips the unconditional CFG rows (it
+        # approximates them from the conditional ones, per row, in frequency space); the DiT then sees only the
+        # conditional half, whose rows keep their own LoRAs (LightLoRALinear maps any repeat of the LoRA rows)
+        return FasterCacheConfig(spatial_attention_block_skip_range=int(interval),
+                                 spatial_attention_timestep_skip_range=window,
+                                 unconditional_batch_skip_range=int(interval),
+                                 unconditional_batch_timestep_skip_range=window,
+                                 current_timestep_callback=lambda: pipe.current_timestep,
+                                 attention_weight_callback=lambda _: 0.5, is_guidance_distilled=not cfg,
+                                 tensor_format="BFCHW" if backbone.kind.startswith("cogvideox") else "BCFHW")
+    if cache == "taylorseer":
+        # full steps every `interval`; in between each block's attention output is extrapolated (first order)
+        start = max(2, int(round(steps * (1000 - window[1]) / 1000)))
+        return TaylorSeerCacheConfig(cache_interval=int(interval), disable_cache_before_step=start,
+                                     max_order=1, taylor_factors_dtype=torch.float32,
+                                     cache_identifiers=_attention_patterns(backbone))
+    if cache == "first_block":
+        return FirstBlockCacheConfig(threshold=float(threshold))
+    raise ValueError(f"step_cache={cache!r}: choose one of {', '.join(STEP_CACHES)}")
+
+
+class StepCost:
+    """What the generator's backbone currently has enabled; `apply` changes only what differs."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.cache_key: tuple | None = None
+        self.compiled = False
+        self.fused = False
+
+    @property
+    def transformer(self):
+        return self.backbone.transformer
+
+    def apply(self, config, steps: int, guidance_scale: float) -> None:
+        """Enable the cache, fused projections and compilation that `config` (a GenerationConfig) asks for."""
+        check_step_options(config.step_cache, config.step_cache_interval, config.step_cache_timesteps,
+                           config.step_cache_threshold)
+        if config.fuse_qkv and not self.fused:
+            if self.compiled:
+                raise ValueError("fuse_qkv must be chosen before the blocks are compiled")
+            from ..lightlora import fuse_qkv_lightlora
+
+            fused = fuse_qkv_lightlora(self.transformer)
+            self.transformer.requires_grad_(False)
+            self.fused = True
+            logger.info("fused q/k/v projections (%d with LoRAs)", fused)
+        elif not config.fuse_qkv and self.fused:
+            raise ValueError("fuse_qkv cannot be turned off on a generator that fused its projections; make a new one")
+        key = (config.step_cache, int(config.step_cache_interval), tuple(config.step_cache_timesteps),
+               float(config.step_cache_threshold), int(steps) if config.step_cache == "taylorseer" else 0,
+               guidance_scale > 1)  # the pipelines run CFG for a scale above 1
+        if config.step_cache == "none":
+            key = None
+        if key != self.cache_key:
+            if self.cache_key is not None:
+                self.transformer.disable_cache()
+            hook = cache_config(self.backbone, config.step_cache, config.step_cache_interval,
+                                config.step_cache_timesteps, config.step_cache_threshold, steps, guidance_scale > 1)
+            if hook is not None:
+                self.transformer.enable_cache(hook)
+            self.cache_key = key
+        if self.cache_key is not None:  # a call that raised midway leaves state behind: start every call clean
+            self.transformer._reset_stateful_cache()
+        if config.compile_blocks and not self.compiled:
+            compile_blocks(self.transformer)
+            self.compiled = True
+
+    @property
+    def batch_coupled(self) -> bool:
+        return self.cache_key is not None and self.cache_key[0] in BATCH_COUPLED
+
+
+def compile_blocks(transformer) -> int:
+    """Regional compilation: torch.compile each repeated transformer block (diffusers' `compile_repeated_blocks`
+    where the model names them, e.g. Wan; CogVideoX names none, so its `transformer_blocks` one by one). The
+    LightLoRA factors are tensors the compiled graph reads, so a new batch's LoRAs reuse the graph; what makes a
+    new graph is only a new shape (batch size, frames, size) or a LoRA appearing or going (bare vs adapted)."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(dynamic=False)
+        return sum(type(m).__name__ in transformer._repeated_blocks for m in transformer.modules())
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"compile_blocks: {type(transformer).__name__} has neither _repeated_blocks nor transformer_blocks")
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
