@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-rounds", type=int, default=None, help="interleaved forwards of item 3 (default 40; quick 10)")
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of item 5 (default 16; quick 4)")
     p.add_argument("--cost-videos", type=int, default=None, help="videos per option in item 8 (default 2; quick 1)")
+    p.add_argument("--cost-on", default="preset", choices=("preset", "trained"),
+                   help="item 8's backbone: the seeded preset (random weights), or the bundled trained effects "
+                        "backbone and checkpoint (video2lora/assets/checkpoint), where caches meet real features")
     p.add_argument("--cost-rounds", type=int, default=None, help="side-by-side rounds of item 8 (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of every measured process (driver, actors, workers); the same everywhere "

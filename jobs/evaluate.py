@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from pipelines.config import add_step_cost_args, step_cost_overrides  # noqa: E402
 from video2lora.effects.evaluation import (  # noqa: E402
-    QUICK_EFFECTS, build_rows, contact_sheets, score, table, train_judge)
+    QUICK_EFFECTS, build_rows, contact_sheets, mean_se, score, table, train_judge)
 
 logger = logging.getLogger("evaluate")
 
@@ -122,8 +122,18 @@ def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict
         v, w = read_video(mine, *size), read_video(theirs, *size)
         mse = float(((v - w) ** 2).mean())
         by.setdefault(r["method"], []).append(100.0 if mse == 0 else min(100.0, 10 * np.log10(4.0 / mse)))
-    return {m: {"rows": len(x), "psnr_db": float(np.mean(x)),
-                "psnr_db_se": float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0} for m, x in by.items()}
+    out = {m: {"rows": len(x), "psnr_db": float(np.mean(x)),
+               "psnr_db_se": float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0} for m, x in by.items()}
+    # paired differences (this run minus that one, the same rows): far tighter than comparing two tables' SEs
+    theirs = {(r["method"], r["name"]): r for r in json.loads(open(os.path.join(against, "results.json")).read())["rows"]}
+    for m in out:
+        for split in ("seen", "held-out"):
+            sel = [r for r in results if r["method"] == m and r["split"] == split and (m, r["name"]) in theirs]
+            for field, key in (("effect_ok", "effect_accuracy"), ("content", "content_fidelity")):
+                if sel:
+                    d = [float(r[field]) - float(theirs[(m, r["name"])][field]) for r in sel]
+                    out[m][f"{split}_{key}_diff"], out[m][f"{split}_{key}_diff_se"] = mean_se(d)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -183,8 +193,15 @@ def evaluate(a: argparse.Namespace) -> dict:
     text, cells = table(results)
     if a.against:
         psnr = psnr_against(results, a.output, a.against, run["generation"])
-        text += "\n\nPSNR against " + a.against + " (same rows, seeds):\n\n| method | rows | PSNR dB (mean ± SE) |\n|---|---|---|\n"
-        text += "\n".join(f"| {m} | {c['rows']} | {c['psnr_db']:.1f} ± {c['psnr_db_se']:.1f} |" for m, c in psnr.items())
+        text += ("\n\nAgainst " + a.against + " (same rows, seeds): PSNR, and this run minus that one per row (paired)\n\n"
+                 "| method | rows | PSNR dB (mean ± SE) | effect accuracy, seen / held-out | content fidelity, seen / held-out |\n"
+                 "|---|---|---|---|---|\n")
+
+        def diff(c, key):
+            return " / ".join(f"{c[f'{sp}_{key}_diff']:+.3f} ± {c[f'{sp}_{key}_diff_se']:.3f}" if f"{sp}_{key}_diff" in c
+                              else "-" for sp in ("seen", "held-out"))
+        text += "\n".join(f"| {m} | {c['rows']} | {c['psnr_db']:.1f} ± {c['psnr_db_se']:.1f} | "
+                          f"{diff(c, 'effect_accuracy')} | {diff(c, 'content_fidelity')} |" for m, c in psnr.items())
         for m, c in psnr.items():
             cells[f"{m}/psnr_against"] = c
     sheets = contact_sheets(rows, results, a.output)

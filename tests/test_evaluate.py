@@ -68,3 +68,34 @@ def test_lora_changes_the_video_deterministically(quick_run):
             a, b = read_video(r["video"], 9, 32, 32), read_video(by[("no_lora", name)]["video"], 9, 32, 32)
             diffs.append(float((a - b).abs().mean()))
     assert min(diffs) > 0.01, diffs
+
+
+def test_cached_run_against_the_uncached_one(quick_run, tmp_path):
+    """The quality item of the step caches: the same rows and seeds with a cache, and every video's PSNR against
+    the uncached run's; the table cells carry standard errors."""
+    first, _, _ = quick_run
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "jobs/evaluate.py", "--quick", "--seed", "3", "--output", str(tmp_path),
+                           "--no-per-effect", "--step-cache", "first_block", "--step-cache-threshold", "0.4",
+                           "--against", str(first)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["step_cost"]["step_cache"] == "first_block" and report["step_cost"]["step_cache_threshold"] == 0.4
+    assert {r["method"] for r in report["rows"]} == {"video2lora", "no_lora"}  # the baseline skipped
+    for m in ("video2lora", "no_lora"):
+        cell = report["table"][f"{m}/psnr_against"]
+        assert cell["rows"] == 4 and 10 < cell["psnr_db"] < 100  # the cache changed the videos, a little
+        assert cell["psnr_db_se"] >= 0
+        for split in ("seen", "held-out"):  # paired differences, this run minus the uncached one
+            assert -1 <= cell[f"{split}_effect_accuracy_diff"] <= 1 and cell[f"{split}_content_fidelity_diff_se"] >= 0
+        assert report["table"][f"{m}/seen"]["effect_accuracy_se"] >= 0
+    assert "PSNR dB (mean ± SE)" in proc.stdout and " ± " in proc.stdout
+
+
+def test_mean_se():
+    from video2lora.effects.evaluation import mean_se
+
+    assert mean_se([1.0]) == (1.0, 0.0)
+    m, se = mean_se([0.0, 1.0, 1.0, 0.0])
+    assert m == 0.5 and abs(se - (1 / 3) ** 0.5 / 2) < 1e-12
