@@ -108,8 +108,7 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
 def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict:
     """Per method: mean and standard error of the PSNR (dB, frames in [-1, 1]) of each row's video against the
     same file in `against` (a row whose two videos are identical counts as 100 dB, so the mean stays finite)."""
-    import numpy as np
-
+    from video2lora.effects.evaluation import psnr
     from video2lora.video_io import read_video
 
     by: dict[str, list[float]] = {}
@@ -119,13 +118,14 @@ def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict
         if not os.path.exists(theirs):
             raise FileNotFoundError(f"--against {against}: no {name} there (run it with the same --seed and --effects)")
         size = (gen["num_frames"], gen["height"], gen["width"])
-        v, w = read_video(mine, *size), read_video(theirs, *size)
-        mse = float(((v - w) ** 2).mean())
-        by.setdefault(r["method"], []).append(100.0 if mse == 0 else min(100.0, 10 * np.log10(4.0 / mse)))
-    out = {m: {"rows": len(x), "psnr_db": float(np.mean(x)),
-               "psnr_db_se": float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0} for m, x in by.items()}
+        by.setdefault(r["method"], []).append(psnr(read_video(mine, *size), read_video(theirs, *size)))
+    out = {}
+    for m, x in by.items():
+        mean, se = mean_se(x)
+        out[m] = {"rows": len(x), "psnr_db": mean, "psnr_db_se": se}
     # paired differences (this run minus that one, the same rows): far tighter than comparing two tables' SEs
-    theirs = {(r["method"], r["name"]): r for r in json.loads(open(os.path.join(against, "results.json")).read())["rows"]}
+    with open(os.path.join(against, "results.json")) as f:
+        theirs = {(r["method"], r["name"]): r for r in json.load(f)["rows"]}
     for m in out:
         for split in ("seen", "held-out"):
             sel = [r for r in results if r["method"] == m and r["split"] == split and (m, r["name"]) in theirs]
@@ -183,7 +183,7 @@ def evaluate(a: argparse.Namespace) -> dict:
                        step_cost_overrides(a))
     methods = ["video2lora", "no_lora"]
     if a.no_per_effect:
-        pass
+        logger.info("per-effect LoRA baseline skipped (--no-per-effect)")
     elif storage.exists(loras):
         run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size)
         methods.append("per_effect_lora")

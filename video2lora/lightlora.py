@@ -26,16 +26,10 @@ class LayerLoRA:
     up: torch.Tensor
 
 
-class LightLoRALinear(nn.Module):
-    """Wraps a frozen nn.Linear. With no LoRA set it is exactly the base layer."""
+class _PerSampleLoRALinear(nn.Module):
+    """A frozen nn.Linear plus per-batch-row low-rank factors from `_row_factors` (the subclass's), added in place."""
 
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
-        self.lora: LayerLoRA | None = None
-        self.row_index: torch.Tensor | None = None  # (B,) which LoRA row each batch row uses
-        self.row_scale: torch.Tensor | None = None  # (L,) strength per LoRA row, 0 = no LoRA
-        self._rows: tuple | None = None  # inference cache: per-row factors of the current LoRAs (see _row_factors)
+    base: nn.Linear
 
     @property
     def in_features(self) -> int:
@@ -55,7 +49,7 @@ class LightLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.lora is None:
+        if not self._has_lora():
             return y
         batch = x.shape[0]
         down_t, up_t = self._row_factors(batch, x.dtype, x.device)
@@ -64,6 +58,21 @@ class LightLoRALinear(nn.Module):
         # rows with strength 0 add exact zeros, so they equal the base output bit for bit
         y.view(batch, -1, y.shape[-1]).baddbmm_(torch.bmm(xs, down_t), up_t)  # view, never a copy: must write into y
         return y
+
+
+class LightLoRALinear(_PerSampleLoRALinear):
+    """Wraps a frozen nn.Linear. With no LoRA set it is exactly the base layer."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora: LayerLoRA | None = None
+        self.row_index: torch.Tensor | None = None  # (B,) which LoRA row each batch row uses
+        self.row_scale: torch.Tensor | None = None  # (L,) strength per LoRA row, 0 = no LoRA
+        self._rows: tuple | None = None  # inference cache: per-row factors of the current LoRAs (see _row_factors)
+
+    def _has_lora(self) -> bool:
+        return self.lora is not None
 
     def _row_factors(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """down^T (B, in, r) and strength-scaled up^T (B, r, out) of each batch row.
@@ -96,7 +105,7 @@ class LightLoRALinear(nn.Module):
         return down_t, up_t
 
 
-class FusedLightLoRALinear(nn.Module):
+class FusedLightLoRALinear(_PerSampleLoRALinear):
     """diffusers' fused q/k/v projection (`fuse_qkv_projections`: one `to_qkv` linear) with the per-sample LoRAs
     of the three LightLoRA layers it replaces: one base GEMM, one LoRA down-projection with the three down factors
     concatenated (B, in, 3r), and one up-projection with a block-diagonal (B, 3r, 3 out) up factor. It equals
@@ -109,25 +118,12 @@ class FusedLightLoRALinear(nn.Module):
         self.parts = tuple(parts)  # a plain tuple: not registered again as submodules (no duplicate weights)
         self._fused: tuple | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def _has_lora(self) -> bool:
         if all(p.lora is None for p in self.parts):
-            return y
+            return False
         if any(p.lora is None for p in self.parts):
             raise ValueError("fused q/k/v projection: some of q, k, v have a LoRA and some not; set all or none")
-        batch = x.shape[0]
-        down_t, up_t = self._row_factors(batch, x.dtype, x.device)
-        xs = x.reshape(batch, -1, x.shape[-1])
-        y.view(batch, -1, y.shape[-1]).baddbmm_(torch.bmm(xs, down_t), up_t)  # in place, as LightLoRALinear
-        return y
+        return True
 
     def _row_factors(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [p._row_factors(batch, dtype, device) for p in self.parts]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 
@@ -18,6 +17,7 @@ import torch
 
 from pipelines.benchmarks import fixtures, measure
 from pipelines.benchmarks.context import TARGETS, Context, row, sync, use_cpu_clock
+from video2lora.effects.evaluation import psnr
 
 logger = logging.getLogger("benchmark")
 
@@ -76,12 +76,6 @@ class DiTMeter:
         out = (self.attention_rows / max(1, self.blocks), self.seconds)
         self.seconds, self.attention_rows = 0.0, 0
         return out
-
-
-def psnr(video: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2), capped at 100 dB (identical videos)."""
-    mse = float(((video.float() - ref.float()) ** 2).mean())
-    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(4.0 / mse))
 
 
 def bench_step_cost(ctx: Context) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import time
 
@@ -102,6 +103,12 @@ def score(rows: list[dict], out: str, classifier_uri: str, methods) -> list[dict
                             "motion_ok": pred_motion == motion, "look_ok": pred_look == look,
                             "content": float(np.mean(content))})
     return results
+
+
+def psnr(video: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2), capped at 100 dB (identical videos)."""
+    mse = float(((video.float() - ref.float()) ** 2).mean())
+    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(4.0 / mse))
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
