@@ -94,3 +94,75 @@ def step_cost_overrides(a) -> dict:
         if getattr(a, name, None) is not None:
             out[name] = getattr(a, name) == "on"
     return out
+
+
+@dataclass
+class ServeConfig:
+    """The online app (`pipelines.serve:app`, `jobs/serve.py`): replicas, GPUs, batching, request limits. The
+    generation settings and the per-row checks are the batch job's (`generation` are the defaults of a request)."""
+
+    backbone: str = ""  # diffusers pipeline dir (local or s3://); "" = the embedded tiny default
+    checkpoint: str = ""  # trained Video2LoRA artifact dir; "" = the embedded default
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # generator deployment (text encoder + DiT + VAE): concurrent requests denoised together, each with its LoRA
+    batch_size: int = 4  # most requests in one denoising batch
+    batch_wait_timeout_s: float = 0.1  # how long a batch waits to fill once its first request arrived
+    generator_replicas: int = 1  # the minimum (and the count, without autoscaling)
+    generator_max_replicas: int = 1  # above generator_replicas: autoscale on queued + ongoing requests per replica
+    generator_num_gpus: float | None = None  # None: 1 when the cluster shows a GPU, else 0
+    # LoRA predictor deployment (VAE encoder + hypernetwork, a LoRA cache by reference content hash)
+    predictor_replicas: int = 1
+    predictor_num_gpus: float | None = None  # None: a quarter of a GPU when the cluster shows one, else 0
+    replica_num_cpus: float = 0.25  # per replica; fractional on small machines
+    torch_threads: int = 0  # per model replica; 0: Ray's default (the replica's whole CPUs, at least 1)
+    max_queued_requests: int = 64  # per generator replica, beyond its batch: more waiting answers 503
+    max_request_bytes: int = 64 << 20  # a whole upload (reference + first frame); larger is refused before it is read
+    # reference_uri may only name these prefixes (the server's own credentials read them); a local directory may be
+    # added for a single-machine deployment
+    reference_uri_prefixes: tuple[str, ...] = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+    request_timeout_s: float = 1800.0  # one request, queue included: past it the client gets a 504, never a hang
+
+    def job_config(self) -> BatchJobConfig:
+        """The batch job's settings the shared stages read (pipelines/stages.py)."""
+        return BatchJobConfig(backbone=self.backbone, checkpoint=self.checkpoint, generation=self.generation,
+                              batch_size=self.batch_size, hyper_batch_size=self.batch_size,
+                              torch_threads=self.torch_threads, max_reference_bytes=self.max_request_bytes)
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "ServeConfig":
+        """From a Serve application's `args` (a RayService's serveConfigV2, `serve run ... key=value`): keys are
+        this class's fields, `generation` a mapping of GenerationConfig fields. An unknown key is an error."""
+        args = dict(args or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(names))
+        if unknown:
+            raise ValueError(f"unknown serve setting(s) {unknown}; known: {sorted(names)}")
+        gen = args.pop("generation", None) or {}
+        if isinstance(gen, GenerationConfig):
+            generation = gen
+        else:
+            known = {f.name for f in dataclasses.fields(GenerationConfig)}
+            bad = sorted(set(gen) - known)
+            if bad:
+                raise ValueError(f"unknown generation setting(s) {bad}; known: {sorted(known)}")
+            generation = GenerationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})
+        out = {}
+        for k, v in args.items():
+            default = names[k].default
+            if isinstance(default, tuple) and isinstance(v, (list, str)):
+                v = tuple([v] if isinstance(v, str) else v)
+            elif default is None and v is not None:  # a GPU share
+                v = float(v)
+            elif isinstance(default, (bool, str)):
+                pass
+            elif isinstance(default, int) and isinstance(v, str):
+                v = int(v)
+            elif isinstance(default, float) and isinstance(v, (str, int)):
+                v = float(v)
+            out[k] = v
+        cfg = cls(generation=generation, **out)
+        if cfg.generator_max_replicas < cfg.generator_replicas:
+            cfg.generator_max_replicas = cfg.generator_replicas
+        if cfg.batch_size < 1 or cfg.batch_wait_timeout_s < 0 or cfg.max_queued_requests < 1:
+            raise ValueError("batch_size and max_queued_requests must be at least 1, batch_wait_timeout_s not negative")
+        return cfg

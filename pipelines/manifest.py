@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.common import ManifestError
+from video2lora.config import InputError
 from video2lora.storage import fs_and_path, has_credentials, redact
 
 REQUIRED = {"sample_id": "string", "reference_uri": "string", "prompt": "string"}
@@ -117,32 +118,32 @@ def row_settings(row: dict, defaults: dict) -> dict:
         if value is None:
             value = defaults[col]
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{col}={value} is not a finite number")
+            raise InputError(col, f"{col}={value} is not a finite number")
         lo, hi = LIMITS[col]
         if not lo <= value <= hi:
-            raise ValueError(f"{col}={value} is outside [{lo}, {hi}]")
+            raise InputError(col, f"{col}={value} is outside [{lo}, {hi}]")
         if OPTIONAL[col] == "int":
             if isinstance(value, float) and not value.is_integer():  # pandas stores ints with gaps as floats
-                raise ValueError(f"{col}={value} is not a whole number")
+                raise InputError(col, f"{col}={value} is not a whole number")
             value = int(value)
         out[col] = value if OPTIONAL[col] == "int" else float(value)
     pixels = out["num_frames"] * out["height"] * out["width"]
     if pixels > MAX_VIDEO_PIXELS:
-        raise ValueError(f"num_frames x height x width = {out['num_frames']} x {out['height']} x {out['width']} = "
+        raise InputError("num_frames", f"num_frames x height x width = {out['num_frames']} x {out['height']} x {out['width']} = "
                          f"{pixels:,} pixels, more than {MAX_VIDEO_PIXELS:,} per video")
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt is not text ({type(prompt).__name__})")
+        raise InputError("prompt", f"prompt is not text ({type(prompt).__name__})")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
+        raise InputError("prompt", f"prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
     negative = row.get("negative_prompt")
     out["prompt"] = prompt
     out["negative_prompt"] = defaults["negative_prompt"] if negative is None else str(negative)
     if not isinstance(row.get("reference_uri"), str) or not row["reference_uri"]:
-        raise ValueError("reference_uri is empty")
+        raise InputError("reference_uri", "reference_uri is empty")
     for col in ("reference_uri", "image_uri"):
         if has_credentials(row.get(col) or ""):  # the URI itself is left out of the message
-            raise ValueError(f"{col} has credentials in it (user:password@...): give them to the job's environment instead")
+            raise InputError(col, f"{col} has credentials in it (user:password@...): give them to the job's environment instead")
     return out
 
 

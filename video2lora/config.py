@@ -7,6 +7,15 @@ import json
 from dataclasses import dataclass, field
 
 
+class InputError(ValueError):
+    """A request a user made cannot be served; `field` names the input at fault (a manifest column, a form
+    field), so a batch row fails with it and an HTTP request gets a 4xx naming it. The message is unchanged."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class LoRAConfig:
     """LightLoRA: A = A_pred @ A_aux (r x in), B = B_aux @ B_pred (out x r), scaled by alpha / r."""

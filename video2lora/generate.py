@@ -10,7 +10,7 @@ import torch
 
 from .backbones import Backbone
 from .backbones.step_cost import BATCH_COUPLED, StepCost
-from .config import GenerationConfig, LoRAConfig, Video2LoRAConfig
+from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .predict import PredictedLoRA, predict_loras
@@ -66,7 +66,7 @@ class Video2LoRAGenerator:
         """Raise ValueError (a user error, recorded per row) for a request this backbone cannot generate."""
         self.backbone.check_size(num_frames, height, width)
         if self.backbone.is_i2v and not has_image:
-            raise ValueError("the image-to-video backbone needs image_uri (a first frame) for this row")
+            raise InputError("image_uri", "the image-to-video backbone needs image_uri (a first frame) for this row")
 
     def lora_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """Shapes of one PredictedLoRA for this checkpoint: A_pred (L, r, down), B_pred (L, up, r)."""

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..config import LoRAConfig
+from ..config import InputError, LoRAConfig
 from ..lightlora import find_target_modules
 
 logger = logging.getLogger(__name__)
@@ -147,9 +147,10 @@ class Backbone:
         """Raise ValueError (a user error, recorded per row) for a size the model cannot make."""
         step = self.vae_scale_spatial * self.patch_size
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_temporal:
-            raise ValueError(f"num_frames={num_frames}: must be 1 + {self.vae_scale_temporal}k")
+            raise InputError("num_frames", f"num_frames={num_frames}: must be 1 + {self.vae_scale_temporal}k")
         if height < step or width < step or height % step or width % step:
-            raise ValueError(f"height x width = {height}x{width}: each must be a positive multiple of {step}")
+            raise InputError("height" if height < step or height % step else "width",
+                             f"height x width = {height}x{width}: each must be a positive multiple of {step}")
 
     @property
     def patch_size(self) -> int:

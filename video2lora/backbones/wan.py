@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import InputError
 from .base import WAN_TARGETS, Backbone
 
 # WanPipeline.__call__'s default text length (umt5-xxl); tiny models save a shorter tokenizer.model_max_length
@@ -67,7 +68,8 @@ class WanBackbone(Backbone):
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         super().check_size(num_frames, height, width)
         if height % 16 or width % 16:  # WanPipeline.check_inputs, whatever the tiny VAE's scale
-            raise ValueError(f"height x width = {height}x{width}: each must be a positive multiple of 16")
+            raise InputError("height" if height % 16 else "width",
+                             f"height x width = {height}x{width}: each must be a positive multiple of 16")
 
     def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._latents_mean.to(latents), self._latents_std.to(latents)
