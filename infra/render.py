@@ -45,6 +45,7 @@ TEMPLATES = {
     "rayjob-batch-generate": "rayjob-batch-generate.yaml",
     "rayjob-train": "rayjob-train.yaml",
     "weights-pvc": "weights-pvc.yaml",
+    "rayservice": "rayservice.yaml",
 }
 DEFAULT_SET = ("raycluster", "rayjob-batch-generate", "rayjob-train")
 DERIVED = ("RAYCLUSTER_SPEC",)
@@ -56,6 +57,8 @@ _WHOLE = re.compile(r"^\$\{(" + _NAME + r")\}$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_RAYCLUSTER_NAME = 53  # KubeRay: 63 - len("-serve-svc")
 MAX_RAYJOB_NAME = 47  # KubeRay appends "-xxxxx" for the RayJob's cluster
+MAX_RAYSERVICE_NAME = 40  # KubeRay names its cluster "<name>-raycluster-xxxxx" (a 63-char label with room to spare)
+SERVE_CONFIG_KEY = "serveConfigV2"  # a mapping in the template, the YAML text KubeRay expects once rendered
 
 _DROP = object()
 
@@ -205,6 +208,14 @@ def check_values(values: Mapping[str, Any], templates: Iterable[str]) -> None:
         if num("GEN_NUM_GPUS") > 0.5 and num("NUM_GEN_ACTORS") > capacity:  # each needs a GPU of its own
             errors.append(f"NUM_GEN_ACTORS={values['NUM_GEN_ACTORS']} actors of GEN_NUM_GPUS={values['GEN_NUM_GPUS']} "
                           f"need a GPU each > GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}")
+    if "rayservice" in templates:  # the autoscaled maximum must fit the GPU workers, one GPU (share) per replica
+        per_gpu = 1 if num("SERVE_GENERATOR_NUM_GPUS") > 0.5 else max(1, int(1 / max(num("SERVE_GENERATOR_NUM_GPUS"), 1e-9)))
+        if num("SERVE_GENERATOR_NUM_GPUS") > 0 and num("SERVE_GENERATOR_MAX_REPLICAS") > capacity * per_gpu:
+            errors.append(f"SERVE_GENERATOR_MAX_REPLICAS={values['SERVE_GENERATOR_MAX_REPLICAS']} generator replicas "
+                          f"of SERVE_GENERATOR_NUM_GPUS={values['SERVE_GENERATOR_NUM_GPUS']} do not fit "
+                          f"GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity} GPUs")
+        if num("SERVE_GENERATOR_REPLICAS") < 1 or num("SERVE_GENERATOR_REPLICAS") > num("SERVE_GENERATOR_MAX_REPLICAS"):
+            errors.append("need 1 <= SERVE_GENERATOR_REPLICAS <= SERVE_GENERATOR_MAX_REPLICAS")
     if "rayjob-train" in templates and num("TRAIN_NUM_WORKERS") > capacity:
         errors.append(
             f"TRAIN_NUM_WORKERS={values['TRAIN_NUM_WORKERS']} > GPU_WORKERS_MAX*GPUS_PER_WORKER={capacity}"
@@ -223,6 +234,7 @@ def check_values(values: Mapping[str, Any], templates: Iterable[str]) -> None:
     names = {"NAME_PREFIX-cluster": (f"{values['NAME_PREFIX']}-cluster", MAX_RAYCLUSTER_NAME)}
     names["BATCH_JOB_NAME"] = (str(values["BATCH_JOB_NAME"]), MAX_RAYJOB_NAME)
     names["TRAIN_JOB_NAME"] = (str(values["TRAIN_JOB_NAME"]), MAX_RAYJOB_NAME)
+    names["SERVICE_NAME"] = (str(values["SERVICE_NAME"]), MAX_RAYSERVICE_NAME)
     for label, (name, limit) in names.items():
         if not _DNS1035.match(name) or len(name) > limit:
             errors.append(f"{label}={name!r}: must be a DNS-1035 label of <= {limit} chars")
@@ -248,7 +260,7 @@ def _render_node(node: Any, lookup, key: str | None = None) -> Any:
             r = _render_node(v, lookup, k)
             if r is _DROP or r is None:
                 continue
-            out[k] = r
+            out[k] = yaml.safe_dump(r, sort_keys=False) if k == SERVE_CONFIG_KEY and isinstance(r, dict) else r
         return out
     if isinstance(node, list):
         return [r for r in (_render_node(v, lookup) for v in node) if r is not _DROP]

@@ -96,6 +96,17 @@ def step_cost_overrides(a) -> dict:
     return out
 
 
+def _typed(default, value):
+    """A setting from YAML or the command line as the type of its default (on/off for switches, lists as tuples)."""
+    if isinstance(default, bool) and isinstance(value, str):
+        if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+            raise ValueError(f"{value!r}: expected on or off")
+        return value.lower() in ("on", "true", "1")
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 @dataclass
 class ServeConfig:
     """The online app (`pipelines.serve:app`, `jobs/serve.py`): replicas, GPUs, batching, request limits. The
@@ -145,7 +156,7 @@ class ServeConfig:
             bad = sorted(set(gen) - known)
             if bad:
                 raise ValueError(f"unknown generation setting(s) {bad}; known: {sorted(known)}")
-            generation = GenerationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})
+            generation = GenerationConfig(**{k: _typed(getattr(GenerationConfig, k, None), v) for k, v in gen.items()})
         out = {}
         for k, v in args.items():
             default = names[k].default

@@ -34,8 +34,9 @@ INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 DOCKER = INFRA / "docker"
 CRDS_DIR = Path(os.environ.get("KUBERAY_CRDS_DIR") or (REPO / "infra" / "crds"))
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-ALL_TEMPLATES = ("raycluster", "rayjob-batch-generate", "rayjob-train", "weights-pvc")
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
+ALL_TEMPLATES = ("raycluster", "rayjob-batch-generate", "rayjob-train", "weights-pvc", "rayservice")
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -310,7 +311,8 @@ def validate_cr(doc) -> list[str]:
     ]
     errs += unknown_fields(doc, schema)
     errs += [f"unchecked CEL rule at {r}" for r in unchecked_cel_rules(doc, schema)]
-    max_len = render.MAX_RAYCLUSTER_NAME if kind == "RayCluster" else render.MAX_RAYJOB_NAME
+    max_len = {"RayCluster": render.MAX_RAYCLUSTER_NAME, "RayJob": render.MAX_RAYJOB_NAME,
+               "RayService": render.MAX_RAYSERVICE_NAME}[kind]
     errs += metadata_errors(doc.get("metadata"), name_re=DNS1035, max_len=max_len)
     if "status" in doc:
         errs.append("status must not be set in a manifest")
@@ -318,6 +320,13 @@ def validate_cr(doc) -> list[str]:
         return errs
     if kind == "RayCluster":
         errs += kuberay_spec_errors(doc["spec"])
+    elif kind == "RayService":
+        errs += kuberay_spec_errors(doc["spec"]["rayClusterConfig"])
+        try:
+            if not isinstance(yaml.safe_load(doc["spec"].get("serveConfigV2", "")), dict):
+                errs.append("serveConfigV2 must be the YAML text of a mapping")
+        except yaml.YAMLError as exc:
+            errs.append(f"serveConfigV2 is not YAML: {exc}")
     else:
         errs += kuberay_job_errors(doc["spec"])
     return errs
@@ -339,10 +348,11 @@ def test_default_render_has_expected_objects(rendered):
         "rayjob-batch-generate": ["RayJob"],
         "rayjob-train": ["RayJob"],
         "weights-pvc": ["PersistentVolumeClaim", "Job"],
+        "rayservice": ["RayService"],
     }
 
 
-@pytest.mark.parametrize("template", ["raycluster", "rayjob-batch-generate", "rayjob-train"])
+@pytest.mark.parametrize("template", ["raycluster", "rayjob-batch-generate", "rayjob-train", "rayservice"])
 def test_manifest_valid_against_kuberay_crd(rendered, template):
     for doc in rendered[template]:
         errs = validate_cr(doc)
@@ -574,6 +584,31 @@ def test_rayjobs_run_on_the_raycluster_spec(rendered):
         sub = job["spec"]["submitterPodTemplate"]["spec"]
         assert sub["restartPolicy"] == "Never" and sub["securityContext"]["runAsNonRoot"] is True
         assert not sub["containers"][0].get("command"), "KubeRay fills in the submitter command"
+
+
+def test_rayservice_serves_the_app_on_the_raycluster_spec(rendered, values):
+    """The RayService runs pipelines.serve:build_app with the values' settings, on raycluster.yaml's spec, and the
+    head exposes Serve's port."""
+    import importlib
+
+    from pipelines.config import ServeConfig
+
+    service = _doc(rendered, "rayservice", "RayService")
+    assert service["spec"]["rayClusterConfig"] == _doc(rendered, "raycluster", "RayCluster")["spec"]
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 8000, "name": "serve"} in head["ports"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, attr = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr)) and app["route_prefix"] == "/"
+    cfg = ServeConfig.from_args(app["args"])  # the app's own parser takes the rendered settings
+    assert (cfg.backbone, cfg.checkpoint) == (values["BACKBONE_URI"], values["CHECKPOINT_URI"])
+    assert (cfg.batch_size, cfg.generator_max_replicas, cfg.generator_num_gpus) == (
+        values["SERVE_BATCH_SIZE"], values["SERVE_GENERATOR_MAX_REPLICAS"], values["SERVE_GENERATOR_NUM_GPUS"])
+    assert cfg.generation.steps == values["SERVE_STEPS"] and cfg.generation.step_cache == values["STEP_CACHE"]
+    assert cfg.generation.compile_blocks is (values["COMPILE_BLOCKS"] == "on")
+    assert cfg.reference_uri_prefixes == (values["BUCKET"] + "/",)
+    with pytest.raises(render.RenderError, match="SERVE_GENERATOR_MAX_REPLICAS"):
+        render.render(["rayservice"], {**values, "SERVE_GENERATOR_MAX_REPLICAS": 99})
 
 
 def test_batch_job_is_documented_idempotent():
