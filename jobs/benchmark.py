@@ -20,6 +20,8 @@ Measured side by side in one run (candidates interleaved and repeated; medians a
     seconds and S3 requests before the first new row goes to Ray, and peak memory (quick: 2,000 rows).
  8. cheaper steps: DiT evaluations and DiT compute per video under each step cache, compiled blocks, fused q/k/v
     and the shipped default, against the stock diffusers pipeline with one LoRA loaded; PSNR against uncached.
+ 9. online app (Ray Serve, tiny preset, loopback): requests/s of 16 concurrent clients against the same 64 requests
+    sent one at a time, p50/p95 latency, the mean batch size formed, requests lost.
 Writes OUT/benchmark.json and OUT/benchmark.md (a table with Target and Met? columns) and prints the table.
 A missed target is reported as missed, never hidden; the exit code is non-zero only if a measurement crashed.
 """
@@ -45,6 +47,7 @@ from pipelines.benchmarks.context import TARGETS, Context  # noqa: E402
 from pipelines.benchmarks.lightlora import bench_lightlora, bench_mixed_lora  # noqa: E402
 from pipelines.benchmarks.pipeline import bench_pipeline  # noqa: E402
 from pipelines.benchmarks.scale import bench_scale  # noqa: E402
+from pipelines.benchmarks.serve import bench_serve  # noqa: E402
 from pipelines.benchmarks.step_cost import bench_step_cost  # noqa: E402
 from pipelines.benchmarks.training import bench_training  # noqa: E402
 
@@ -165,14 +168,14 @@ def main(argv=None) -> int:
             ctx.preset_gen["steps"] = a.steps
         sections = [("3", "lightlora", bench_lightlora), ("2", "mixed_lora", bench_mixed_lora),
                     ("1", "pipeline", bench_pipeline), ("5", "training", bench_training), ("7", "scale", bench_scale),
-                    ("8", "step_cost", bench_step_cost)]
+                    ("8", "step_cost", bench_step_cost), ("9", "serve", bench_serve)]
         for item, name, fn in sections:
             if item in a.skip or (item == "1" and {"1", "4", "6"} <= a.skip):
                 continue
             logger.info("item %s (%s) ...", item, name)
             t0 = time.perf_counter()
             try:
-                if item in ("1", "5"):
+                if item in ("1", "5", "9"):
                     start_ray(a)
                 out = fn(ctx)
             except Exception:  # noqa: BLE001 - report it, run the other items

@@ -98,6 +98,10 @@ def test_video_equals_the_batch_jobs_for_the_same_row(service, tiny_backbone_dir
     assert r.headers["content-type"] == "video/mp4" and r.headers["x-seed"] == "5"
     assert "generate;dur=" in r.headers["server-timing"]
     assert r.content == batch_video  # the same frames through the same encoder: the same file
+    assert r.headers["x-lora-cache-hit"] == "false"
+    again = post(url, refs[0], prompt="another prompt", seed=6)  # the same reference: its LoRA from the cache
+    assert again.status_code == 200 and again.headers["x-lora-cache-hit"] == "true"
+    assert again.headers["x-reference-hash"] == r.headers["x-reference-hash"]
 
     other = post(url, refs[1], prompt="a red circle", seed=5, lora_strength=0.8)
     assert float((frames(other.content) - frames(r.content)).abs().mean()) > 0.01  # the reference matters
@@ -203,6 +207,18 @@ def test_a_full_queue_answers_503(service, clips):
         deploy()
 
 
+def test_a_request_past_its_deadline_gets_a_504(service, clips):
+    url, deploy = service
+    _, refs = clips
+    deploy(request_timeout_s=1.0)
+    try:
+        start = time.time()
+        r = post(url, refs[0], prompt="x", seed=1, steps=200)
+        assert r.status_code == 504 and "1 s" in r.json()["error"] and time.time() - start < 30
+    finally:
+        deploy()
+
+
 def test_a_replica_killed_mid_request_is_retried_or_answered_never_hangs(service, clips):
     import ray
 
@@ -216,7 +232,7 @@ def test_a_replica_killed_mid_request_is_retried_or_answered_never_hangs(service
     (replica,) = generator_replicas()
     with futures.ThreadPoolExecutor(1) as pool:
         start = time.time()
-        pending = pool.submit(post, url, refs[0], prompt="x", seed=3, steps=60, timeout=180)
+        pending = pool.submit(post, url, refs[0], prompt="x", seed=3, steps=600, timeout=180)
         time.sleep(2.0)  # the request is denoising by now
         assert not pending.done()
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
@@ -227,7 +243,7 @@ def test_a_replica_killed_mid_request_is_retried_or_answered_never_hangs(service
     if r.status_code == 503:
         assert r.json()["error"]
     else:  # retried on the replacement replica: the same seeded video
-        again = post(url, refs[0], prompt="x", seed=3, steps=60)
+        again = post(url, refs[0], prompt="x", seed=3, steps=600)
         assert again.status_code == 200 and again.content == r.content
     assert post(url, refs[1], prompt="after", seed=4).status_code == 200
 
