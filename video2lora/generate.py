@@ -13,6 +13,7 @@ from .backbones.step_cost import BATCH_COUPLED, StepCost
 from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
+from .export import ExportedLoRA
 from .predict import PredictedLoRA, predict_loras
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,12 @@ logger = logging.getLogger(__name__)
 class GenerationRequest:
     prompt: str
     reference: torch.Tensor | None = None  # (3, F, H, W) in [-1, 1]; None: no LoRA
-    lora: PredictedLoRA | None = None  # already predicted (e.g. by the Ray hypernet stage)
+    # already predicted (e.g. by the Ray hypernet stage; PredictedLoRA.blend for a mix), or a LoRA file read back
+    lora: PredictedLoRA | ExportedLoRA | None = None
+    # several references mixed by weight (instead of `reference`): their LoRAs side by side, exactly the weighted
+    # sum of their deltas (PredictedLoRA.blend); weights default to 1 / len(references)
+    references: list[torch.Tensor] | None = None
+    reference_weights: list[float] | None = None
     image: torch.Tensor | None = None  # (3, H, W) first frame for I2V
     negative_prompt: str | None = None
     seed: int | None = None
@@ -74,13 +80,23 @@ class Video2LoRAGenerator:
         return (len(self.layer_names), lc.rank, lc.down), (len(self.layer_names), lc.up, lc.rank)
 
     def lora_from_bytes(self, a: bytes, b: bytes) -> PredictedLoRA:
-        """A PredictedLoRA from PredictedLoRA.to_bytes output, shaped for this checkpoint."""
-        return PredictedLoRA.from_bytes(a, b, *self.lora_shapes())
+        """A PredictedLoRA from PredictedLoRA.to_bytes output, shaped for this checkpoint (any rank: a blend's)."""
+        (layers, _, down), (_, up, _) = self.lora_shapes()
+        return PredictedLoRA.from_bytes(a, b, (layers, -1, down), (layers, up, -1))
 
-    def export_lora(self, lora: PredictedLoRA, strength: float) -> bytes:
+    def lora_from_file(self, data: bytes, name: str) -> ExportedLoRA:
+        """A LoRA file (as `export_lora` writes) checked against this generator's adapted layers; ValueError names
+        the file and the key that does not fit."""
+        dims = {n: (m.in_features, m.out_features) for n, m in self.backbone.transformer.named_modules()
+                if n in set(self.layer_names)}
+        return ExportedLoRA.from_bytes(data, name, [(n, *dims[n]) for n in self.layer_names])
+
+    def export_lora(self, lora: PredictedLoRA | ExportedLoRA, strength: float) -> bytes:
         """One LoRA as a diffusers/PEFT safetensors file (see video2lora.export)."""
         from .export import export_lora_bytes
 
+        if isinstance(lora, ExportedLoRA):
+            return lora.to_bytes(self.layer_names, strength)
         return export_lora_bytes(self.model, lora.a_pred, lora.b_pred, strength)
 
     @torch.no_grad()
@@ -104,19 +120,28 @@ class Video2LoRAGenerator:
             raise ValueError("no hypernetwork loaded: pass checkpoint_uri to predict LoRAs")
         return predict_loras(self.backbone, self.model.hypernet, references, batch_size)
 
-    def materialize(self, loras: list[PredictedLoRA | None]) -> tuple[list[LayerLoRA], torch.Tensor]:
-        """Per-layer LoRAs for a batch; rows without a LoRA get zeros and strength 0."""
+    def materialize(self, loras: list[PredictedLoRA | ExportedLoRA | None]) -> tuple[list[LayerLoRA], torch.Tensor]:
+        """Per-layer LoRAs for a batch; rows without a LoRA get zeros and strength 0. Rows of different ranks (a
+        blend, a LoRA file) are padded with zero factors to the largest: a zero rank adds exactly nothing."""
         num_layers = len(self.layer_names)
         lc = self.model.config.lora
-        a = torch.zeros(len(loras), num_layers, lc.rank, lc.down)
-        b = torch.zeros(len(loras), num_layers, lc.up, lc.rank)
+        rank = max([lc.rank] + [l.rank for l in loras if l is not None])
+        a = torch.zeros(len(loras), num_layers, rank, lc.down)
+        b = torch.zeros(len(loras), num_layers, lc.up, rank)
         present = torch.tensor([l is not None for l in loras])
         for i, l in enumerate(loras):
-            if l is not None:
-                a[i], b[i] = l.a_pred, l.b_pred
+            if isinstance(l, PredictedLoRA):
+                a[i, :, : l.rank], b[i, :, :, : l.rank] = l.a_pred, l.b_pred
         dtype = self.backbone.dtype
         with torch.no_grad():
             layers = self.model.materialize(a.to(self.backbone.device), b.to(self.backbone.device))
+            for i, l in enumerate(loras):  # a LoRA file's factors are already materialised
+                if isinstance(l, ExportedLoRA):
+                    for layer, down, up in zip(layers, l.downs, l.ups):
+                        layer.down[i] = 0
+                        layer.up[i] = 0
+                        layer.down[i, : down.shape[0]] = down.to(layer.down)
+                        layer.up[i, :, : up.shape[1]] = up.to(layer.up)
         return [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers], present
 
     def adapted_layers(self, patterns=None) -> list[str]:
@@ -144,7 +169,8 @@ class Video2LoRAGenerator:
         `layer_loras`: already-materialised LoRAs instead of predicted ones (e.g. ordinary trained LoRAs), one
         `LayerLoRA` per `adapted_layers()` layer with one row per request, applied at each request's lora_strength;
         the requests then carry no reference or lora."""
-        if layer_loras is not None and any(r.lora is not None or r.reference is not None for r in requests):
+        if layer_loras is not None and any(r.lora is not None or r.reference is not None or r.references
+                                           for r in requests):
             raise ValueError("pass either layer_loras or per-request references / LoRAs, not both")
         c = self.config
         if c.step_cache in BATCH_COUPLED and len(requests) > 1:  # its skip decision would mix the rows: one at a time
@@ -165,6 +191,10 @@ class Video2LoRAGenerator:
             predicted = self.predict_loras([requests[i].reference for i in missing])
             for i, p in zip(missing, predicted):
                 requests[i].lora = p
+        for r in requests:  # mixes: each reference's LoRA, then side by side
+            if r.lora is None and r.references:
+                weights = r.reference_weights or [1.0 / len(r.references)] * len(r.references)
+                r.lora = PredictedLoRA.blend(self.predict_loras(list(r.references)), list(weights))
         timings.add("hypernet", time.perf_counter() - start)
 
         generators = [torch.Generator("cpu").manual_seed(c.seed if r.seed is None else int(r.seed)) for r in requests]

@@ -25,15 +25,32 @@ class PredictedLoRA:
     def stack(loras: list["PredictedLoRA"]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([l.a_pred for l in loras]), torch.stack([l.b_pred for l in loras])
 
+    @property
+    def rank(self) -> int:
+        return self.a_pred.shape[1]
+
+    @staticmethod
+    def blend(loras: list["PredictedLoRA"], weights: list[float]) -> "PredictedLoRA":
+        """The weighted mix of several references' LoRAs, exactly: their factors side by side (ranks add), each
+        B_pred scaled by its weight, so that at every adapted layer (B_aux B) (A A_aux) = sum_k w_k B_k A_k. One
+        LoRA at weight 1 is returned as it is."""
+        if len(loras) != len(weights) or not loras:
+            raise ValueError(f"{len(loras)} LoRAs and {len(weights)} weights: give one weight per LoRA")
+        if len(loras) == 1 and weights[0] == 1.0:
+            return loras[0]
+        return PredictedLoRA(torch.cat([l.a_pred for l in loras], dim=1),
+                             torch.cat([float(w) * l.b_pred for l, w in zip(loras, weights)], dim=2))
+
     def to_bytes(self) -> tuple[bytes, bytes]:
         """(A_pred, B_pred) as raw float32 bytes, the form a LoRA travels in between Ray stages."""
         return self.a_pred.float().cpu().numpy().tobytes(), self.b_pred.float().cpu().numpy().tobytes()
 
     @classmethod
     def from_bytes(cls, a: bytes, b: bytes, a_shape: tuple, b_shape: tuple) -> "PredictedLoRA":
-        """The inverse of to_bytes; the tensors own their memory (writable, independent of the buffers)."""
-        return cls(torch.from_numpy(np.frombuffer(a, np.float32).reshape(a_shape).copy()),
-                   torch.from_numpy(np.frombuffer(b, np.float32).reshape(b_shape).copy()))
+        """The inverse of to_bytes; the tensors own their memory (writable, independent of the buffers). A rank of
+        -1 in the shapes (a_shape[1], b_shape[2]) is read from the length (a blend's rank is a sum of ranks)."""
+        a_arr, b_arr = np.frombuffer(a, np.float32), np.frombuffer(b, np.float32)
+        return cls(torch.from_numpy(a_arr.reshape(a_shape).copy()), torch.from_numpy(b_arr.reshape(b_shape).copy()))
 
 
 @torch.no_grad()
