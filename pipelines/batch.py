@@ -140,7 +140,7 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
     """The rows to run, with their typed settings, as DataFrames of one generation batch each, read from the
     manifest a batch of rows at a time (never all of it at once). Rows done earlier (in `results`) are left out;
     a row the driver refuses is added to `results` as failed, with the reason."""
-    from pipelines.manifest import row_settings
+    from pipelines.manifest import row_settings, row_sources
 
     defaults = dataclasses.asdict(cfg.generation)
     step = max(cfg.batch_size, 1)
@@ -154,11 +154,12 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
                 for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
                     safe_child(cfg.output, name)
                 settings = row_settings(row, defaults)
+                sources = row_sources(row)
             except ValueError as e:
                 results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
                                                                     "error": error_text(e)}
                 continue
-            todo.append({"sample_id": sid, "reference_uri": row["reference_uri"], "image_uri": row.get("image_uri") or "",
+            todo.append({"sample_id": sid, **sources, "image_uri": row.get("image_uri") or "",
                          **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
         whole = len(todo) - len(todo) % step
         if whole:  # one DataFrame per manifest batch, cut in slices: a DataFrame per 4 rows costs 25x more

@@ -12,8 +12,15 @@ from pipelines.common import ManifestError
 from video2lora.config import InputError
 from video2lora.storage import fs_and_path, has_credentials, redact
 
-REQUIRED = {"sample_id": "string", "reference_uri": "string", "prompt": "string"}
+REQUIRED = {"sample_id": "string", "prompt": "string"}
+# a row's LoRA comes from exactly one of these: one reference clip, a weighted mix of several, or a LoRA file
+SOURCES = ("reference_uri", "reference_uris", "lora_uri")
+MAX_REFERENCES = 8  # references in one mix
 OPTIONAL = {
+    "reference_uri": "string",
+    "reference_uris": "list<string>",
+    "reference_weights": "list<float>",
+    "lora_uri": "string",
     "negative_prompt": "string",
     "image_uri": "string",
     "seed": "int",
@@ -29,10 +36,14 @@ MAX_PROMPT_CHARS = 2000
 # no GPU holds; such a row would OOM-kill its actor, and restarted actors would retry it forever.
 MAX_VIDEO_PIXELS = 4 * 81 * 720 * 1280
 LIMITS = {"num_frames": (1, 1025), "height": (8, 4096), "width": (8, 4096), "steps": (1, 1000),
-          "guidance_scale": (0.0, 100.0), "lora_strength": (0.0, 10.0), "seed": (0, 2**63 - 1)}
+          "guidance_scale": (0.0, 100.0), "lora_strength": (0.0, 10.0), "seed": (0, 2**63 - 1),
+          "reference_weight": (-10.0, 10.0)}
 
 
 def _type_ok(kind: str, t: pa.DataType) -> bool:
+    if kind.startswith("list<"):
+        return pa.types.is_null(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                                       and _type_ok(kind[5:-1], t.value_type))
     if kind == "string":
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
@@ -75,6 +86,8 @@ def open_manifest(uri: str) -> Manifest:
     except Exception as e:  # noqa: BLE001
         raise _read_failed(uri, e) from None
     missing = [c for c in REQUIRED if c not in schema.names]
+    if not any(c in schema.names for c in SOURCES):
+        missing.append(" or ".join(SOURCES))
     if missing:
         raise ManifestError(f"manifest {redact(uri)} lacks required column(s) {missing}; it has {schema.names}")
     for col, kind in {**REQUIRED, **OPTIONAL}.items():
@@ -139,12 +152,62 @@ def row_settings(row: dict, defaults: dict) -> dict:
     negative = row.get("negative_prompt")
     out["prompt"] = prompt
     out["negative_prompt"] = defaults["negative_prompt"] if negative is None else str(negative)
-    if not isinstance(row.get("reference_uri"), str) or not row["reference_uri"]:
-        raise InputError("reference_uri", "reference_uri is empty")
-    for col in ("reference_uri", "image_uri"):
-        if has_credentials(row.get(col) or ""):  # the URI itself is left out of the message
-            raise InputError(col, f"{col} has credentials in it (user:password@...): give them to the job's environment instead")
+    if has_credentials(row.get("image_uri") or ""):  # the URI itself is left out of the message
+        raise InputError("image_uri", "image_uri has credentials in it (user:password@...): give them to the job's "
+                                      "environment instead")
     return out
+
+
+def _listed(value) -> list | None:
+    """A list column's cell (a list, or the array pandas / Arrow give) as a list; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        return [value]
+    return list(value)
+
+
+def row_sources(row: dict) -> dict:
+    """Where a row's LoRA comes from, checked: {"reference_uris": [...], "reference_weights": [...], "lora_uri":
+    ""} for one reference (weight 1) or a mix (weights default to 1 / count), or no references and a LoRA file.
+    Raises InputError naming the column."""
+    uris, weights, lora = _listed(row.get("reference_uris")), _listed(row.get("reference_weights")), row.get("lora_uri")
+    single = row.get("reference_uri")
+    given = [c for c, v in (("reference_uri", single), ("reference_uris", uris), ("lora_uri", lora)) if v]
+    if len(given) > 1:
+        raise InputError(given[1], f"give one of {', '.join(SOURCES)} per row, not {' and '.join(given)}")
+    if not given:
+        raise InputError("reference_uri", "reference_uri is empty (give reference_uri, reference_uris or lora_uri)")
+    if weights is not None and not uris:
+        raise InputError("reference_weights", "reference_weights needs reference_uris (the references it weighs)")
+    for col, v in (("reference_uri", single), ("lora_uri", lora)):
+        if v and not isinstance(v, str):
+            raise InputError(col, f"{col} is not text ({type(v).__name__})")
+    if lora:
+        if has_credentials(lora):
+            raise InputError("lora_uri", "lora_uri has credentials in it (user:password@...): give them to the job's "
+                                         "environment instead")
+        return {"reference_uris": [], "reference_weights": [], "lora_uri": lora}
+    if single:
+        uris, weights = [single], [1.0]
+    col = "reference_uris" if row.get("reference_uris") else "reference_uri"
+    if not 1 <= len(uris) <= MAX_REFERENCES:
+        raise InputError(col, f"reference_uris has {len(uris)} references; a mix takes 1 to {MAX_REFERENCES}")
+    if not all(isinstance(u, str) and u for u in uris):
+        raise InputError(col, "reference_uris has an empty or non-text entry")
+    if any(has_credentials(u) for u in uris):
+        raise InputError(col, f"{col} has credentials in it (user:password@...): give them to the job's environment "
+                              "instead")
+    if weights is None:
+        weights = [1.0 / len(uris)] * len(uris)
+    if len(weights) != len(uris):
+        raise InputError("reference_weights", f"reference_weights has {len(weights)} weights for {len(uris)} references")
+    lo, hi = LIMITS["reference_weight"]
+    for w in weights:
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or not lo <= w <= hi:
+            raise InputError("reference_weights", f"reference_weights has {w!r}: each must be a finite number in "
+                                                  f"[{lo}, {hi}]")
+    return {"reference_uris": uris, "reference_weights": [float(w) for w in weights], "lora_uri": ""}
 
 
 def resolve_uris(rows: list[dict], base: str) -> list[dict]:
@@ -154,9 +217,12 @@ def resolve_uris(rows: list[dict], base: str) -> list[dict]:
 
     from video2lora.storage import join
 
+    def resolved(v):
+        return join(base, v) if isinstance(v, str) and v and "://" not in v and not posixpath.isabs(v) else v
+
     for r in rows:
-        for col in ("reference_uri", "image_uri"):
-            v = r.get(col)
-            if isinstance(v, str) and v and "://" not in v and not posixpath.isabs(v):
-                r[col] = join(base, v)
+        for col in ("reference_uri", "image_uri", "lora_uri"):
+            r[col] = resolved(r.get(col))
+        if isinstance(r.get("reference_uris"), list):
+            r["reference_uris"] = [resolved(v) for v in r["reference_uris"]]
     return rows

@@ -85,13 +85,14 @@ class LoRAPredictor:
         g = self.cfg.generation
         rows, decoded = [], {}
         for h, data in items:  # decode each distinct uncached reference once, as fetch_and_decode does
-            row = {"sample_id": h, "status": "pending", "error": "", "reference_hash": h, "ref_pixels": b""}
+            row = {"sample_id": h, "status": "pending", "error": "", "reference_hash": h, "ref_hashes": [h],
+                   "ref_weights": [1.0], "ref_pixels": [b""]}
             if h not in self.stage.cache:
                 try:
                     if h not in decoded:
                         decoded[h] = frames_to_uint8(decode_video(data, "reference", g.num_frames, g.height,
                                                                   g.width)).tobytes()
-                    row["ref_pixels"] = decoded[h]
+                    row["ref_pixels"] = [decoded[h]]
                 except Exception as e:  # noqa: BLE001 - this request's reference only
                     row.update(status="failed", error=error_text(e))
             rows.append(row)

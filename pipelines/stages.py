@@ -22,6 +22,7 @@ import torch
 from pipelines.common import error_text, frames_to_uint8, uint8_to_frames
 from pipelines.config import BatchJobConfig
 from pipelines.manifest import SETTING_COLUMNS
+from video2lora.predict import PredictedLoRA
 from video2lora.storage import content_hash, join, read_bytes, safe_child, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -46,27 +47,41 @@ def _fail(row: dict, e: BaseException, **extra) -> None:
 
 # --- stage 1: fetch and decode (CPU tasks) ---
 
+def _hash_of_mix(hashes: list[str], weights: list[float]) -> str:
+    """A row's reference_hash: its reference's content hash, or for a mix each hash with its weight."""
+    if len(hashes) == 1 and weights == [1.0]:
+        return hashes[0]
+    return "+".join(f"{w:g}*{h}" for h, w in zip(hashes, weights))
+
+
 def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
-    """Read each row's reference (and first frame). Never raises for a bad row."""
+    """Read each row's references (and first frame), or its LoRA file. Never raises for a bad row."""
     from video2lora.video_io import decode_image, decode_video
 
     g = cfg.generation
     out = []
     for row in batch.to_dict("records"):
         start = time.perf_counter()
+        uris, weights = list(row["reference_uris"]), [float(w) for w in row["reference_weights"]]
         rec = {"sample_id": row["sample_id"], "status": "pending", "error": "", "reference_hash": "",
-               "ref_pixels": b"", "image_pixels": b"", **{c: row[c] for c in SETTING_COLUMNS}}
+               "ref_hashes": [], "ref_weights": weights, "ref_pixels": [], "image_pixels": b"", "lora_file": b"",
+               "source_lora_uri": row["lora_uri"], **{c: row[c] for c in SETTING_COLUMNS}}
         try:
-            data = read_bytes(row["reference_uri"], max_bytes=cfg.max_reference_bytes)
-            rec["reference_hash"] = content_hash(data)
-            ref = decode_video(data, row["reference_uri"], g.num_frames, g.height, g.width)
-            rec["ref_pixels"] = frames_to_uint8(ref).tobytes()
+            if row["lora_uri"]:  # a LoRA file exported earlier: no hypernetwork for this row
+                rec["lora_file"] = read_bytes(row["lora_uri"], max_bytes=cfg.max_reference_bytes)
+                rec["reference_hash"] = content_hash(rec["lora_file"])
+            for uri in uris:
+                data = read_bytes(uri, max_bytes=cfg.max_reference_bytes)
+                rec["ref_hashes"].append(content_hash(data))
+                rec["ref_pixels"].append(frames_to_uint8(decode_video(data, uri, g.num_frames, g.height, g.width)).tobytes())
+            if uris:
+                rec["reference_hash"] = _hash_of_mix(rec["ref_hashes"], weights)
             if row["image_uri"]:
                 img = decode_image(read_bytes(row["image_uri"], max_bytes=cfg.max_reference_bytes),
                                    row["image_uri"], row["height"], row["width"])
                 rec["image_pixels"] = frames_to_uint8(img).tobytes()
         except Exception as e:  # noqa: BLE001 - every failure of a row is recorded, never fatal
-            _fail(rec, e, ref_pixels=b"")
+            _fail(rec, e, ref_pixels=[], lora_file=b"")
         rec["t_fetch_s"] = time.perf_counter() - start
         out.append(rec)
     return pd.DataFrame(out)
@@ -86,41 +101,50 @@ class HypernetStage:
         self.cfg = cfg
         g = cfg.generation
         self.ref_shape = (3, g.num_frames, g.height, g.width)
-        self.cache: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # reference hash -> LoRA (A, B bytes)
+        self.cache: OrderedDict[str, PredictedLoRA] = OrderedDict()  # reference content hash -> its LoRA
         logger.info("hypernetwork actor ready in %.1fs", time.perf_counter() - start)
 
-    def _predict(self, rows: list[dict]) -> dict[str, int]:
-        """Predict the LoRAs of the references not cached yet, each distinct one once; returns hash -> its first row."""
-        todo, first = {}, {}  # hash -> reference pixels; hash -> index of its first row
-        for i, r in enumerate(rows):
-            if r["status"] == "pending" and r["reference_hash"] not in self.cache and r["reference_hash"] not in todo:
-                todo[r["reference_hash"]], first[r["reference_hash"]] = r["ref_pixels"], i
+    def _predict(self, rows: list[dict]) -> set[str]:
+        """Predict the LoRAs of the references not cached yet, each distinct one once; returns their hashes."""
+        todo = {}  # hash -> reference pixels
+        for r in rows:
+            if r["status"] == "pending":
+                for h, pixels in zip(r["ref_hashes"], r["ref_pixels"]):
+                    if h not in self.cache and h not in todo:
+                        todo[h] = pixels
         if todo:
             try:
                 refs = [uint8_to_frames(b, self.ref_shape) for b in todo.values()]
                 loras = self.predictor.predict_loras(refs, batch_size=self.cfg.hyper_batch_size)
-                for h, lora in zip(todo, loras):
-                    self.cache[h] = lora.to_bytes()
+                self.cache.update(zip(todo, loras))
             except Exception as e:  # noqa: BLE001
                 for r in rows:
-                    if r["reference_hash"] in todo:
+                    if set(r["ref_hashes"]) & set(todo):
                         _fail(r, e)
-        while len(self.cache) > LORA_CACHE_SIZE:
-            self.cache.popitem(last=False)
-        return first
+        return set(todo)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         start = time.perf_counter()
         rows = batch.to_dict("records")
-        first = self._predict(rows)
+        for r in rows:  # list columns arrive as arrays
+            r["ref_hashes"], r["ref_weights"] = list(r["ref_hashes"]), [float(w) for w in r["ref_weights"]]
+            r["ref_pixels"] = list(r["ref_pixels"])
+        new = self._predict(rows)
         elapsed = (time.perf_counter() - start) / max(len(rows), 1)
-        for i, r in enumerate(rows):
+        for r in rows:
             r.pop("ref_pixels", None)
-            pending = r["status"] == "pending"
-            r.update(lora_a=b"", lora_b=b"", lora_uri="", t_hypernet_s=elapsed,
-                     lora_cache_hit=pending and first.get(r["reference_hash"]) != i)
+            pending = r["status"] == "pending" and bool(r["ref_hashes"])
+            # a hit: every reference of the row was predicted before (an earlier batch, or an earlier row of this one)
+            hit = pending and not any(h in new for h in r["ref_hashes"])
+            for h in r["ref_hashes"]:
+                new.discard(h)
+            r.update(lora_a=b"", lora_b=b"", lora_uri="", t_hypernet_s=elapsed, lora_cache_hit=hit)
             if pending:
-                r["lora_a"], r["lora_b"] = self.cache[r["reference_hash"]]
+                lora = PredictedLoRA.blend([self.cache[h] for h in r["ref_hashes"]], r["ref_weights"])
+                r["lora_a"], r["lora_b"] = lora.to_bytes()
+            r.pop("ref_hashes", None), r.pop("ref_weights", None)
+        while len(self.cache) > LORA_CACHE_SIZE:
+            self.cache.popitem(last=False)
         return pd.DataFrame(rows)
 
 
@@ -143,18 +167,22 @@ class GenerateStage:
                        f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
 
+    def _lora(self, r):
+        """The row's LoRA: predicted (bytes from the hypernetwork stage), or its LoRA file read back."""
+        if r.get("lora_file"):
+            return self.generator.lora_from_file(r["lora_file"], r.get("source_lora_uri") or "lora_uri")
+        return self.generator.lora_from_bytes(r["lora_a"], r["lora_b"])
+
     def _request(self, r):
         from video2lora.generate import GenerationRequest
 
         image = uint8_to_frames(r["image_pixels"], (3, r["height"], r["width"])) if r["image_pixels"] else None
-        return GenerationRequest(prompt=r["prompt"], lora=self.generator.lora_from_bytes(r["lora_a"], r["lora_b"]),
-                                 image=image, negative_prompt=r["negative_prompt"], seed=r["seed"],
-                                 lora_strength=r["lora_strength"])
+        return GenerationRequest(prompt=r["prompt"], lora=r["_lora"], image=image, negative_prompt=r["negative_prompt"],
+                                 seed=r["seed"], lora_strength=r["lora_strength"])
 
     def _export(self, r) -> str:
-        lora = self.generator.lora_from_bytes(r["lora_a"], r["lora_b"])
         uri = safe_child(join(self.cfg.output, "loras"), f"{r['sample_id']}.safetensors")
-        write_bytes_atomic(uri, self.generator.export_lora(lora, r["lora_strength"]))
+        write_bytes_atomic(uri, self.generator.export_lora(r["_lora"], r["lora_strength"]))
         return uri
 
     def _generate(self, rows, key):
@@ -184,6 +212,8 @@ class GenerateStage:
                     r["lora_uri"] = self._export(r)
                 except Exception as e:  # noqa: BLE001
                     _fail(r, e, video=b"")
+            elif r.get("source_lora_uri"):  # a reused LoRA: the file it came from
+                r["lora_uri"] = r["source_lora_uri"]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
@@ -197,11 +227,17 @@ class GenerateStage:
             except ValueError as e:
                 _fail(r, e)
                 continue
+            try:
+                r["_lora"] = self._lora(r)
+            except Exception as e:  # noqa: BLE001 - a LoRA file whose keys or shapes do not fit: this row only
+                _fail(r, ValueError(f"lora_uri: {error_text(e)}") if r.get("lora_file") else e)
+                continue
             groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(r)
         for key, group in groups.items():
             self._run_group(group, key)
         for r in rows:
-            r.pop("lora_a", None), r.pop("lora_b", None), r.pop("image_pixels", None)
+            for k in ("lora_a", "lora_b", "image_pixels", "lora_file", "_lora", "source_lora_uri"):
+                r.pop(k, None)
         return pd.DataFrame(rows)
 
 

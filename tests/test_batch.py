@@ -197,3 +197,52 @@ def test_backbone_defaults_do_not_override_explicit_flags(tiny_backbone_dir):
     cfg = BatchJobConfig(backbone=tiny_backbone_dir, generation=GenerationConfig(steps=3))
     apply_backbone_defaults(cfg, explicit={"steps"})
     assert (cfg.generation.num_frames, cfg.generation.height, cfg.generation.steps) == (9, 32, 3)
+
+
+def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    """Manifest rows that mix references by weight or reuse an exported LoRA file, beside plain rows in one batch;
+    bad mixes and files fail only their own row, naming the column."""
+    from safetensors.torch import load, save
+
+    _, refs = clips
+    first = [{"sample_id": "plain", "reference_uri": refs[2], "prompt": "a cat", "seed": 4, "lora_strength": 0.7}]
+    out1 = tmp_path / "out1"
+    run_batch_job(write_manifest(tmp_path / "m1.parquet", first),
+                  config(tiny_backbone_dir, checkpoint, out1, export_loras=True), progress=False)
+    exported = str(out1 / "loras" / "plain.safetensors")
+    state = load(open(exported, "rb").read())
+    bad_file = tmp_path / "bad.safetensors"
+    bad_file.write_bytes(save({k: (v[:, :3] if k.endswith("lora_A.weight") else v) for k, v in state.items()}))
+    rows = [
+        {"sample_id": "single", "reference_uri": refs[0], "prompt": "a red circle", "seed": 1},
+        {"sample_id": "mix_of_one", "reference_uris": [refs[0]], "reference_weights": [1.0], "prompt": "a red circle",
+         "seed": 1},
+        {"sample_id": "mix", "reference_uris": [refs[0], refs[1]], "reference_weights": [0.6, 0.4],
+         "prompt": "a red circle", "seed": 1},
+        {"sample_id": "mix_even", "reference_uris": refs, "prompt": "a red circle", "seed": 1},
+        {"sample_id": "reused", "lora_uri": exported, "prompt": "a cat", "seed": 4},
+        {"sample_id": "nan_weight", "reference_uris": refs[:2], "reference_weights": [0.5, float("nan")], "prompt": "x"},
+        {"sample_id": "lengths", "reference_uris": refs[:2], "reference_weights": [1.0], "prompt": "x"},
+        {"sample_id": "too_many", "reference_uris": [refs[0]] * 9, "prompt": "x"},
+        {"sample_id": "two_sources", "reference_uri": refs[0], "lora_uri": exported, "prompt": "x"},
+        {"sample_id": "bad_file", "lora_uri": str(bad_file), "prompt": "x"},
+    ]
+    out = tmp_path / "out"
+    summary = run_batch_job(write_manifest(tmp_path / "m.parquet", rows),
+                            config(tiny_backbone_dir, checkpoint, out), progress=False)
+    res = results_of(str(out))
+    assert summary["ok"] == 5, res[["status", "error"]]
+    assert "reference_weights" in res.loc["nan_weight", "error"]
+    assert "2 weights" not in res.loc["lengths", "error"] and "1 weights for 2" in res.loc["lengths", "error"]
+    assert "reference_uris has 9 references" in res.loc["too_many", "error"]
+    assert "lora_uri" in res.loc["two_sources", "error"]
+    assert "lora_uri" in res.loc["bad_file", "error"] and "shape" in res.loc["bad_file", "error"]
+    video = {s: (out / "videos" / f"{s}.mp4").read_bytes() for s in ("single", "mix_of_one", "mix", "mix_even", "reused")}
+    assert video["single"] == video["mix_of_one"]  # one reference at weight 1 is the plain row, bit for bit
+    assert res.loc["single", "reference_hash"] == res.loc["mix_of_one", "reference_hash"]
+    assert res.loc["mix", "reference_hash"].count("+") == 1 and res.loc["mix_even", "reference_hash"].count("+") == 2
+    assert len({video["single"], video["mix"], video["mix_even"]}) == 3
+    assert res.loc["reused", "lora_uri"] == exported and not res.loc["reused", "lora_cache_hit"]
+    # the reused file carries its row's strength (0.7): at strength 1 it makes that row's video again
+    plain, reused = read_video(str(out1 / "videos" / "plain.mp4"), 9, 32, 32), read_video(str(out / "videos" / "reused.mp4"), 9, 32, 32)
+    assert float((plain - reused).abs().mean()) < 0.01

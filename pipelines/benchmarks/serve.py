@@ -9,7 +9,7 @@ import concurrent.futures as futures
 import socket
 import time
 
-from pipelines.benchmarks import fixtures, measure
+from pipelines.benchmarks import fixtures
 from pipelines.benchmarks.context import Context, row
 
 TARGETS = {"lost": 0}
