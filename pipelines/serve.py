@@ -26,6 +26,7 @@ import time
 from ray import serve
 
 from pipelines.common import error_text, frames_to_uint8, uint8_to_frames
+from pipelines.manifest import MAX_REFERENCES
 from pipelines.config import ServeConfig
 from video2lora.config import InputError
 from video2lora.storage import content_hash
@@ -35,10 +36,10 @@ logger = logging.getLogger(__name__)
 # form fields of POST /generate and their types; the reference is `reference` (a file) or `reference_uri`
 INT_FIELDS = ("seed", "num_frames", "height", "width", "steps")
 FLOAT_FIELDS = ("guidance_scale", "lora_strength")
-TEXT_FIELDS = ("prompt", "negative_prompt", "reference_uri")
-FILE_FIELDS = ("reference", "image")
+TEXT_FIELDS = ("prompt", "negative_prompt", "reference_uri", "reference_weights")
+FILE_FIELDS = ("reference", "image", "lora")  # `reference` may repeat: a mix, weighed by reference_weights
 GENERATE_FIELDS = set(INT_FIELDS + FLOAT_FIELDS + TEXT_FIELDS + FILE_FIELDS)
-LORA_FIELDS = {"reference", "reference_uri", "lora_strength"}
+LORA_FIELDS = {"reference", "reference_uri", "reference_weights", "lora_strength"}
 REPLICA_LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
                 "DeploymentUnavailableError", "WorkerCrashedError")
 
@@ -135,11 +136,22 @@ class Generator:
 
         out, rows = [None] * len(items), []
         for i, it in enumerate(items):
+            it = dict(it)
             try:
                 self.stage.generator.check_request(it["num_frames"], it["height"], it["width"], bool(it["image_pixels"]))
             except InputError as e:
                 out[i] = {"error": str(e), "field": "image" if e.field == "image_uri" else e.field, "status": 422}
                 continue
+            if it["lora_file"]:
+                try:
+                    self.stage.generator.lora_from_file(it["lora_file"], "lora")
+                except Exception as e:  # noqa: BLE001 - keys or shapes that do not fit this backbone
+                    out[i] = {"error": error_text(e), "field": "lora", "status": 422}
+                    continue
+                it.update(lora_a=b"", lora_b=b"")
+            else:
+                it["lora_a"], it["lora_b"] = self._blend(it.pop("loras"), it.pop("weights")).to_bytes()
+            it.pop("loras", None), it.pop("weights", None)
             rows.append((i, {**it, "sample_id": str(i), "status": "pending", "error": ""}))
         sizes: dict[tuple, int] = {}
         for _, r in rows:
@@ -155,9 +167,16 @@ class Generator:
                            "batch_size": sizes[tuple(r[k] for k in GROUP_KEY)], "worker": m["gen_worker"]})
         return out
 
-    def export_lora(self, lora_a: bytes, lora_b: bytes, strength: float) -> bytes:
-        """One predicted LoRA as a diffusers/PEFT safetensors file (this replica holds the aux matrices)."""
-        return self.stage.generator.export_lora(self.stage.generator.lora_from_bytes(lora_a, lora_b), strength)
+    def _blend(self, loras: list[tuple[bytes, bytes]], weights: list[float]):
+        from video2lora.predict import PredictedLoRA
+
+        gen = self.stage.generator
+        return PredictedLoRA.blend([gen.lora_from_bytes(a, b) for a, b in loras], weights)
+
+    def export_lora(self, loras: list[tuple[bytes, bytes]], weights: list[float], strength: float) -> bytes:
+        """A request's LoRA (its references' mix) as a diffusers/PEFT safetensors file (this replica holds the aux
+        matrices)."""
+        return self.stage.generator.export_lora(self._blend(loras, weights), strength)
 
     def ping(self) -> str:
         return "ok"
@@ -197,14 +216,17 @@ async def read_form(request, limit: int):
         return {"type": "http.request", "body": bytes(body), "more_body": False}
 
     try:
-        form = await Request(request.scope, receive).form(max_files=len(FILE_FIELDS), max_fields=32)
+        form = await Request(request.scope, receive).form(max_files=len(FILE_FIELDS) + MAX_REFERENCES, max_fields=32)
     except Exception as e:  # noqa: BLE001 - a malformed body
         raise RequestError(400, "body", f"cannot parse the multipart form: {e}") from None
     fields = {}
     for key, value in form.multi_items():
-        if key in fields:
+        if key == "reference":  # a list: one file, or several for a mix
+            fields.setdefault(key, []).append(value)
+        elif key in fields:
             raise RequestError(422, key, f"{key} is given more than once")
-        fields[key] = value
+        else:
+            fields[key] = value
     return fields
 
 
@@ -257,17 +279,21 @@ class Video2LoRAApp:
 
     # -- request parts
 
-    async def _reference(self, fields: dict) -> tuple[str, bytes]:
-        upload, uri = fields.get("reference"), fields.get("reference_uri")
-        if upload is not None and uri:
-            raise RequestError(422, "reference", "give reference (a file) or reference_uri, not both")
-        if upload is None and not uri:
+    async def _references(self, fields: dict) -> list[tuple[str, bytes]]:
+        """(content hash, file bytes) of each reference: uploaded files, or the one reference_uri."""
+        uploads, uri = fields.get("reference") or [], fields.get("reference_uri")
+        if uploads and uri:
+            raise RequestError(422, "reference", "give reference (files) or reference_uri, not both")
+        if not uploads and not uri:
             raise RequestError(422, "reference", "reference (a file) or reference_uri is required")
-        if upload is not None:
+        if len(uploads) > MAX_REFERENCES:
+            raise RequestError(422, "reference", f"{len(uploads)} references; a mix takes at most {MAX_REFERENCES}")
+        datas = []
+        for upload in uploads:
             if isinstance(upload, str):
                 raise RequestError(422, "reference", "reference must be a file upload (use reference_uri for a URI)")
-            data = await upload.read()
-        else:
+            datas.append(await upload.read())
+        if uri:
             if not isinstance(uri, str):
                 raise RequestError(422, "reference_uri", "reference_uri must be a form field, not a file")
             if not uri.startswith(tuple(self.cfg.reference_uri_prefixes)):
@@ -276,19 +302,50 @@ class Video2LoRAApp:
             from video2lora.storage import read_bytes
 
             try:
-                data = await asyncio.to_thread(read_bytes, uri, self.cfg.max_request_bytes)
+                datas.append(await asyncio.to_thread(read_bytes, uri, self.cfg.max_request_bytes))
             except Exception as e:  # noqa: BLE001 - missing, unreadable, too large
                 raise RequestError(422, "reference_uri", error_text(e)) from None
-        if not data:
-            raise RequestError(422, "reference", "the reference is empty")
-        return content_hash(data), data
+        if not all(datas):
+            raise RequestError(422, "reference", "a reference is empty")
+        return [(content_hash(d), d) for d in datas]
 
     async def _lora(self, fields: dict) -> dict:
-        h, data = await self._reference(fields)
-        lora = await self._call(self.predictor.predict, (h, data))
-        if "error" in lora:
-            raise RequestError(422, lora["field"], lora["error"])
-        return {**lora, "reference_hash": h}
+        """The request's LoRA: its references' predicted LoRAs with their weights (the generator blends them), or
+        an uploaded LoRA file (`lora`, as POST /lora or the batch job's --export-loras write it)."""
+        from pipelines.manifest import row_sources
+        from pipelines.stages import mix_hash
+
+        upload = fields.get("lora")
+        if upload is not None:
+            if fields.get("reference") or fields.get("reference_uri") or fields.get("reference_weights"):
+                raise RequestError(422, "lora", "give lora (a LoRA file) or references, not both")
+            if isinstance(upload, str):
+                raise RequestError(422, "lora", "lora must be a file upload")
+            data = await upload.read()
+            return {"loras": [], "weights": [], "lora_file": data, "reference_hash": content_hash(data),
+                    "cache_hit": False, "t_s": 0.0}
+        refs = await self._references(fields)
+        weights = fields.get("reference_weights")
+        if weights is not None:
+            if not isinstance(weights, str):
+                raise RequestError(422, "reference_weights", "reference_weights must be a form field, e.g. 0.7,0.3")
+            try:
+                weights = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise RequestError(422, "reference_weights", f"reference_weights={weights[:50]!r}: give numbers "
+                                                             "separated by commas") from None
+        try:
+            weights = row_sources({"reference_uris": ["upload"] * len(refs), "reference_weights": weights})[
+                "reference_weights"]
+        except InputError as e:
+            raise RequestError(422, "reference" if e.field == "reference_uris" else e.field, str(e)) from None
+        predicted = await asyncio.gather(*(self._call(self.predictor.predict, ref) for ref in refs))
+        for p in predicted:
+            if "error" in p:
+                raise RequestError(422, p["field"], p["error"])
+        return {"loras": [(p["lora_a"], p["lora_b"]) for p in predicted], "weights": weights, "lora_file": b"",
+                "reference_hash": mix_hash([h for h, _ in refs], weights),
+                "cache_hit": all(p["cache_hit"] for p in predicted), "t_s": max(p["t_s"] for p in predicted)}
 
     async def _call(self, method, arg):
         """One call to a model deployment: a full queue is a 503; a replica lost mid-call is retried once."""
@@ -317,6 +374,8 @@ class Video2LoRAApp:
         unknown = sorted(set(fields) - LORA_FIELDS)
         if unknown:
             raise RequestError(422, unknown[0], f"unknown field(s) {unknown}; POST /lora takes {sorted(LORA_FIELDS)}")
+        if not fields.get("reference") and not fields.get("reference_uri"):
+            raise RequestError(422, "reference", "reference (a file) or reference_uri is required")
         strength = _number(fields, "lora_strength", float)
         strength = self.cfg.generation.lora_strength if strength is None else strength
         from pipelines.manifest import LIMITS
@@ -331,7 +390,7 @@ class Video2LoRAApp:
             "X-Reference-Hash": lora["reference_hash"], "X-LoRA-Cache-Hit": str(lora["cache_hit"]).lower()})
 
     async def _call_export(self, lora, strength):
-        return await self.generator.export_lora.remote(lora["lora_a"], lora["lora_b"], strength)
+        return await self.generator.export_lora.remote(lora["loras"], lora["weights"], strength)
 
     async def generate(self, request):
         import dataclasses
@@ -371,8 +430,8 @@ class Video2LoRAApp:
             image_pixels = frames_to_uint8(frame).tobytes()
         t_read = time.perf_counter() - start
         lora = await self._lora(fields)
-        item = {**settings, "reference_hash": lora["reference_hash"], "lora_a": lora["lora_a"],
-                "lora_b": lora["lora_b"], "image_pixels": image_pixels}
+        item = {**settings, "reference_hash": lora["reference_hash"], "loras": lora["loras"],
+                "weights": lora["weights"], "lora_file": lora["lora_file"], "image_pixels": image_pixels}
         made = await self._call(self.generator.generate, item)
         if "error" in made:
             if made["status"] >= 500:

@@ -47,7 +47,7 @@ def _fail(row: dict, e: BaseException, **extra) -> None:
 
 # --- stage 1: fetch and decode (CPU tasks) ---
 
-def _hash_of_mix(hashes: list[str], weights: list[float]) -> str:
+def mix_hash(hashes: list[str], weights: list[float]) -> str:
     """A row's reference_hash: its reference's content hash, or for a mix each hash with its weight."""
     if len(hashes) == 1 and weights == [1.0]:
         return hashes[0]
@@ -75,7 +75,7 @@ def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
                 rec["ref_hashes"].append(content_hash(data))
                 rec["ref_pixels"].append(frames_to_uint8(decode_video(data, uri, g.num_frames, g.height, g.width)).tobytes())
             if uris:
-                rec["reference_hash"] = _hash_of_mix(rec["ref_hashes"], weights)
+                rec["reference_hash"] = mix_hash(rec["ref_hashes"], weights)
             if row["image_uri"]:
                 img = decode_image(read_bytes(row["image_uri"], max_bytes=cfg.max_reference_bytes),
                                    row["image_uri"], row["height"], row["width"])

@@ -266,3 +266,51 @@ def test_serve_settings_from_app_args():
         ServeConfig.from_args({"batch_sise": 8})
     with pytest.raises(ValueError, match="stepz"):
         ServeConfig.from_args({"generation": {"stepz": 3}})
+
+
+def test_mixed_references_and_an_uploaded_lora_file(service, tiny_backbone_dir, checkpoint, clips):
+    import torch
+    from safetensors.torch import load, save
+
+    from video2lora.generate import Video2LoRAGenerator
+    from video2lora.predict import PredictedLoRA
+    from video2lora.video_io import read_video
+
+    url, _ = service
+    _, refs = clips
+    files = [("reference", (f"r{i}.mp4", open(refs[i], "rb").read(), "video/mp4")) for i in (0, 1)]
+    # the mix's LoRA file is the library's blend of the two references
+    r = requests.post(f"{url}/lora", files=files, data={"reference_weights": "0.6,0.4"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-reference-hash"].count("+") == 1
+    gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, GenerationConfig(**GEN), device="cpu")
+    clips_u8 = [((read_video(p, 9, 32, 32) + 1) * 127.5).round() / 127.5 - 1 for p in refs[:2]]
+    want = load(gen.export_lora(PredictedLoRA.blend(gen.predict_loras(clips_u8), [0.6, 0.4]), 1.0))
+    got = load(r.content)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert got[next(iter(got))].shape[0] == 2  # rank 1 + rank 1
+    # a video from a mix; the same mix's LoRA file uploaded instead gives the same video
+    mixed = requests.post(f"{url}/generate", files=files, data={"prompt": "a mix", "seed": "7",
+                                                                "reference_weights": "0.6,0.4"}, timeout=120)
+    reused = requests.post(f"{url}/generate", files={"lora": ("mix.safetensors", r.content)},
+                           data={"prompt": "a mix", "seed": "7"}, timeout=120)
+    single = post(url, refs[0], prompt="a mix", seed=7)
+    assert mixed.status_code == reused.status_code == single.status_code == 200, (mixed.text, reused.text)
+    diff = float((frames(mixed.content) - frames(reused.content)).abs().mean())
+    effect = float((frames(mixed.content) - frames(single.content)).abs().mean())
+    assert diff < 0.01 and effect > 10 * diff, (diff, effect)
+    # one reference at weight 1 is the plain request, byte for byte
+    one = requests.post(f"{url}/generate", files=[files[0]], data={"prompt": "a mix", "seed": "7",
+                                                                   "reference_weights": "1"}, timeout=120)
+    assert one.content == single.content
+    # bad mixes and files name the field
+    bad_file = save({k: (v[:, :3] if k.endswith("lora_A.weight") else v).contiguous() for k, v in got.items()})
+    for data, fls, field in [({"reference_weights": "a,b"}, files, "reference_weights"),
+                             ({"reference_weights": "1,2,3"}, files, "reference_weights"),
+                             ({"reference_weights": "nan,1"}, files, "reference_weights"),
+                             ({}, files + [("lora", ("x.safetensors", r.content))], "lora"),
+                             ({}, {"lora": ("bad.safetensors", bad_file)}, "lora"),
+                             ({}, {"lora": ("junk.safetensors", b"not a safetensors file")}, "lora")]:
+        answer = requests.post(f"{url}/generate", files=fls, data={"prompt": "x", **data}, timeout=60)
+        assert answer.status_code == 422 and answer.json()["field"] == field, (data, answer.text)
