@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import defaults  # noqa: E402
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
-from pipelines.common import ManifestError, SetupError, init_ray  # noqa: E402
+from pipelines.common import ManifestError, SetupError, hide_known_ray_notices, init_ray  # noqa: E402
 from pipelines.config import BatchJobConfig, add_step_cost_args, step_cost_overrides  # noqa: E402
 from video2lora.backbones.step_cost import check_step_options  # noqa: E402
 from video2lora.config import GenerationConfig  # noqa: E402
@@ -81,13 +81,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     a = parse_args(argv)
+    hide_known_ray_notices()
     try:
         cfg = config_from_args(a)
     except ValueError as e:  # a bad step-cost setting: refused before Ray starts, naming the field
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.ray_address:  # else run_batch_job starts Ray itself, after the checkpoint is checked (a bad one: no Ray)
-        init_ray(a.ray_address, log_to_driver=False)
+        init_ray(a.ray_address)
     try:
         summary = run_batch_job(a.manifest, cfg, progress=not a.quiet)
     except (ManifestError, SetupError) as e:  # a bad manifest, checkpoint or backbone: refused before any work

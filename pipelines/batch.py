@@ -187,12 +187,17 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
 
-    init_ray(log_to_driver=False)
+    init_ray()  # actors' warnings and errors reach the driver's log (`ray job logs`); their INFO stays in their files
     cfg = with_placement(cfg, ray.cluster_resources().get("GPU", 0))  # counts the user left unset
     logger.info("%d generation actor(s) x %g GPU, %d hypernetwork actor(s) x %g GPU", cfg.num_gen_actors,
                 cfg.gen_num_gpus, cfg.num_hyper_actors, cfg.hyper_num_gpus)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the job's own bar counts rows; Ray Data's notice that its bars are off is
+    from ray.util.debug import log_once  # not for our users: mark it as already said
+
+    log_once("ray_data_progress_manager_disabled")
+    if progress:  # Ray Data's INFO lines (plan, where its logs are) would break up the bar; they stay in its log files
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.execution_options.preserve_order = False
 
     last_flush = time.perf_counter()
@@ -208,20 +213,20 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         ds = ray.data.from_pandas_refs(blocks)
         ds = ds.map_batches(fetch_and_decode, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})
-        # A dead actor (killed, node lost) is restarted and the batches it held are run again: stages are pure
-        # and every write is atomic, so a row is never half-written nor reported twice.
-        retry = {"max_restarts": -1, "max_task_retries": -1}
+        # A dead actor (killed, node lost) is restarted and the batches it held are run again (Ray Data's actor
+        # pools default to max_restarts=-1, max_task_retries=-1; tests/faults checks it): stages are pure and every
+        # write is atomic, so a row is never half-written nor reported twice.
         # the hypernetwork's output blocks are what the generation actors are handed, whole: blocks of more than
         # one generation batch would leave actors idle (3 blocks of 8 rows over 2 actors: one does 16 rows, the
         # other 8) and hold each row back until its whole block is generated
         ds = ds.map_batches(HypernetStage, batch_format="pandas", batch_size=min(cfg.hyper_batch_size, cfg.batch_size),
                             compute=ActorPoolStrategy(size=cfg.num_hyper_actors),
-                            num_gpus=cfg.hyper_num_gpus, num_cpus=cfg.actor_num_cpus, **retry,
+                            num_gpus=cfg.hyper_num_gpus, num_cpus=cfg.actor_num_cpus,
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint,
                                                    "cfg": cfg})
         ds = ds.map_batches(GenerateStage, batch_format="pandas", batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.num_gen_actors),
-                            num_gpus=cfg.gen_num_gpus, num_cpus=cfg.actor_num_cpus, **retry,
+                            num_gpus=cfg.gen_num_gpus, num_cpus=cfg.actor_num_cpus,
                             fn_constructor_kwargs={"backbone_uri": cfg.backbone, "checkpoint_uri": cfg.checkpoint, "cfg": cfg})
         ds = ds.map_batches(write_videos, batch_format="pandas", batch_size=cfg.batch_size,
                             num_cpus=cfg.decode_num_cpus, fn_kwargs={"cfg": cfg})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -67,3 +68,49 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
             logger.warning("Ray did not start (attempt %d of %d), retrying", attempt + 1, attempts, exc_info=True)
             ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+# Ray's core worker prints this at error level for every Ray Data actor pool: Ray Data itself ray.put()s each
+# pool's map function and keeps the reference for as long as the pool lives (ray-project/ray#53727), so the restart
+# it warns about cannot fail here. It is the one line of a clean run that looks like a fault.
+_KNOWN_RAY_NOTICES = re.compile(rb"\[[^\]\n]*\] core_worker\.cc:\d+: Actor with class name: '[^'\n]*MapBatches\([^\n]*"
+                                rb"has constructor arguments in the object store and max_restarts > 0\.[^\n]*\n")
+
+
+def hide_known_ray_notices() -> None:
+    """Filter the process's stderr (file descriptor 2, where Ray's C++ core worker writes) of _KNOWN_RAY_NOTICES;
+    everything else passes through at once, progress bars included."""
+    import atexit
+    import sys
+    import threading
+
+    if os.environ.get("VIDEO2LORA_RAW_STDERR") or not hasattr(os, "pipe"):
+        return
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    done = threading.Event()
+    end = b"\0video2lora-stderr-filter-end\0"
+
+    def forward():
+        while True:
+            chunk = os.read(read_end, 65536)
+            last = not chunk or end in chunk
+            chunk = _KNOWN_RAY_NOTICES.sub(b"", chunk.split(end)[0])
+            if chunk:
+                os.write(original, chunk)
+            if last:
+                done.set()
+                return
+
+    def restore():  # at exit: pass on what is still in the pipe, then give the process its stderr back
+        sys.stderr.flush()
+        os.write(2, end)
+        done.wait(5)
+        os.dup2(original, 2)
+
+    threading.Thread(target=forward, name="stderr-filter", daemon=True).start()
+    atexit.register(restore)

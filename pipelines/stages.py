@@ -35,10 +35,24 @@ LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by refere
 
 
 def set_torch_threads(cfg: BatchJobConfig) -> int:
-    """Apply cfg.torch_threads (0: keep the default) in an actor; returns the thread count in effect."""
+    """Apply cfg.torch_threads (0: keep the default) in an actor; returns the thread count in effect. Also keeps
+    the actor's console to warnings and errors (they reach the driver's log): no weight-loading bars, no INFO."""
+    quiet_worker()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     return torch.get_num_threads()
+
+
+def quiet_worker() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_warning()
+    transformers_logging.set_verbosity_warning()
+    for name in ("pipelines", "video2lora"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(row: dict, e: BaseException, **extra) -> None:

@@ -68,6 +68,13 @@ def test_ray_job_submit_runs_batch_job(ray_head, tiny_backbone_dir, tmp_path):
         time.sleep(3)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in r.stdout
+    # a clean run's log (what `ray job logs` shows; before it, the CLI's own lines about packaging the working dir)
+    # has nothing that looks like a fault
+    assert "Tailing logs" in r.stdout
+    job_log = r.stdout.split("Tailing logs", 1)[1]
+    for looks_like_a_fault in ("Progress bars disabled", "deprecated", "core_worker.cc", "Traceback", " ERROR ",
+                               " E ", "WARNING", "Warning:"):
+        assert looks_like_a_fault not in job_log, (looks_like_a_fault, job_log[-3000:])
     res = pd.read_parquet(out / "results.parquet")
     assert len(res) == 12 and set(res.status) == {"ok"}
     assert len(os.listdir(out / "videos")) == 12
