@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_step_cost_args(p)
     p.add_argument("--ray-address", default=None, help="default: the cluster of `ray job submit`, else a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--gallery", action="store_true", help="also write OUTPUT/index.html, a page of previews per row")
     return p.parse_args(argv)
 
 
@@ -97,6 +98,10 @@ def main(argv=None) -> int:
     except TooManyFailures as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if a.gallery:
+        from pipelines.gallery import write_gallery
+
+        summary["gallery_uri"] = write_gallery(cfg.output)
     print(json.dumps(summary))
     print(f"done: {summary['ok']} made, {summary['skipped']} skipped, {summary['failed']} failed "
           f"in {summary['wall_s']:.1f}s ({summary['rows_per_s']:.2f} rows/s); "

@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-cpus", type=float, default=0.25, help="CPUs of each worker's Ray Data reader")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts after crashes")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    p.add_argument("--report-every", type=int, default=5,
+                   help="loss, lr, grad norm, samples/s to Ray Train every N steps (the dashboard's live curve)")
     p.add_argument("--model-config", default="", help='JSON overrides, e.g. \'{"lora": {"rank": 2}, "hyper": {"width": 96}}\'')
     p.add_argument("--init-checkpoint", default="",
                    help="start from this Video2LoRA artifact (e.g. the weight-space warm start of "
@@ -89,6 +91,7 @@ def build_job(a: argparse.Namespace):
         backbone=backbone, storage_path=a.storage_path, name=a.name, output=a.output, num_workers=a.num_workers,
         use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker or (1.0 if a.use_gpu else 0.5), data_cpus=a.data_cpus,
         train=t, split=a.split, max_failures=a.max_failures, log_every=a.log_every,
+        report_every=a.report_every,
         model_overrides=overrides, fail_once_at_step=a.fail_once_at_step,
         init_checkpoint=a.init_checkpoint,
     )

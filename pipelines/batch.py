@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 import time
 
@@ -20,6 +21,7 @@ import pandas as pd
 from pipelines.common import SetupError, error_text, init_ray
 from pipelines.config import BatchJobConfig, with_placement
 from pipelines.manifest import Manifest
+from pipelines.metrics import JobMetrics
 from pipelines.stages import RESULT_COLUMNS, GenerateStage, HypernetStage, fetch_and_decode, write_videos
 from video2lora.storage import exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic
 
@@ -186,6 +188,10 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     if to_run:
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
+    from pipelines.gallery import JOB_NAME  # which manifest made this output: for the gallery page
+
+    manifest_abs = manifest_uri if "://" in manifest_uri else os.path.abspath(manifest_uri)
+    write_bytes_atomic(join(cfg.output, JOB_NAME), json.dumps({"manifest": manifest_abs}).encode())
 
     init_ray()  # actors' warnings and errors reach the driver's log (`ray job logs`); their INFO stays in their files
     cfg = with_placement(cfg, ray.cluster_resources().get("GPU", 0))  # counts the user left unset
@@ -209,6 +215,11 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]
     failed = sum(r["status"] == "failed" for r in results.values())
     todo_rows = to_run - failed
+    metrics = JobMetrics(redact(cfg.output))
+    metrics.count("skipped", len(ids) - to_run)  # done in earlier runs
+    metrics.count("failed", failed)  # refused on the driver
+    metrics.set_in_flight(todo_rows)
+    in_flight = todo_rows
     if blocks:
         ds = ray.data.from_pandas_refs(blocks)
         ds = ds.map_batches(fetch_and_decode, batch_format="pandas", batch_size=cfg.batch_size,
@@ -234,9 +245,12 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for rec in batch.to_dict("records"):
                 results[rec["sample_id"]] = rec
+                metrics.finished(rec)
+                in_flight -= 1
                 failed += rec["status"] == "failed"
                 if rec["status"] == "failed":
                     logger.warning("row %s failed: %s", rec["sample_id"], rec["error"])
+            metrics.set_in_flight(in_flight)
             bar.update(len(batch))
             bar.set_postfix(failed=failed)
             if time.perf_counter() - last_flush > cfg.results_flush_seconds:
@@ -248,9 +262,12 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
         bar.close()
         if not stopped:  # every write has ended: clear what a killed actor left, e.g. a LoRA file cut short
             _remove_partial_writes(cfg.output)
-    for sid in ids:
-        results.setdefault(sid, {c: None for c in RESULT_COLUMNS} | {
-            "sample_id": sid, "status": "skipped", "error": stopped or "not run"})
+    not_run = [sid for sid in ids if sid not in results]
+    for sid in not_run:
+        results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "skipped",
+                                                              "error": stopped or "not run"}
+    metrics.count("skipped", len(not_run))
+    metrics.set_in_flight(0)
     uri = write_results(cfg.output, results)
     wall = time.perf_counter() - start
     counts = pd.Series([r["status"] for r in results.values()]).value_counts().to_dict()

@@ -17,13 +17,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = dict(num_frames=9, height=32, width=32, steps=2, guidance_scale=6.0)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    ray.init(address="local", num_cpus=2, num_gpus=2, log_to_driver=False, runtime_env={"env_vars": env})  # fake GPUs
+    ray.init(address="local", num_cpus=2, num_gpus=2, log_to_driver=False, runtime_env={"env_vars": env},  # fake GPUs
+             _metrics_export_port=METRICS_PORT, _system_config={"metrics_report_interval_ms": 500})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -246,3 +258,46 @@ def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips
     # the reused file carries its row's strength (0.7): at strength 1 it makes that row's video again
     plain, reused = read_video(str(out1 / "videos" / "plain.mp4"), 9, 32, 32), read_video(str(out / "videos" / "reused.mp4"), 9, 32, 32)
     assert float((plain - reused).abs().mean()) < 0.01
+
+
+def scrape_job_metrics(job: str, until, timeout: float = 30.0) -> dict[str, float]:
+    """This node's Prometheus endpoint, summed per series name + its status/stage/result tag, for one job; read
+    again until `until(values)` holds (metrics reach the endpoint every 0.5 s here) or the timeout passes."""
+    import re
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^(ray_video2lora_\w+)\{(.*)\} (\S+)$", line)
+            if not m or f'job="{job}"' not in m.group(2):
+                continue
+            tag = re.search(r'(?:status|stage|result|le)="([^"]*)"', m.group(2))
+            key = m.group(1) + (f"[{tag.group(1)}]" if tag else "")
+            out[key] = out.get(key, 0.0) + float(m.group(3))
+        if until(out) or time.time() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def test_job_metrics_read_back_from_ray(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    d, refs = clips
+    rows = [{"sample_id": f"m{i}", "reference_uri": refs[i % 2], "prompt": "a red circle", "seed": i} for i in range(4)]
+    rows.append({"sample_id": "bad", "reference_uri": str(d / "corrupt.mp4"), "prompt": "x"})
+    rows.append({"sample_id": "nan", "reference_uri": refs[0], "prompt": "x", "guidance_scale": float("nan")})
+    out = tmp_path / "out"
+    run_batch_job(write_manifest(tmp_path / "m.parquet", rows), config(tiny_backbone_dir, checkpoint, out), progress=False)
+    m = scrape_job_metrics(str(out), lambda m: m.get("ray_video2lora_rows_total[ok]") == 4
+                           and m.get("ray_video2lora_rows_in_flight") == 0)
+    assert m.get("ray_video2lora_rows_total[ok]") == 4 and m.get("ray_video2lora_rows_total[failed]") == 2, m
+    assert m.get("ray_video2lora_lora_cache_total[hit]") == 2 and m.get("ray_video2lora_lora_cache_total[miss]") == 2, m
+    for stage in ("fetch", "hypernet", "generate", "write"):
+        assert m.get(f"ray_video2lora_stage_seconds_count[{stage}]", 0) >= 4, (stage, m)
+    assert m.get("ray_video2lora_rows_in_flight") == 0, m
+    # the same job again: every row done is skipped, and counted so
+    run_batch_job(write_manifest(tmp_path / "m.parquet", rows), config(tiny_backbone_dir, checkpoint, out), progress=False)
+    m = scrape_job_metrics(str(out), lambda m: m.get("ray_video2lora_rows_total[skipped]") == 4)
+    assert m.get("ray_video2lora_rows_total[skipped]") == 4, m

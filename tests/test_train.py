@@ -24,6 +24,15 @@ TRAIN = dict(lr=2e-3, grad_clip=1.0, batch_size=1, checkpoint_every=2, keep_chec
 
 
 # --------------------------------------------------------------------------------------------- pure pieces
+def test_training_reports_live_metrics_between_checkpoints(runs):
+    job, _, _ = runs["straight"]
+    steps = [r["step"] for r in LIVE_REPORTS]
+    assert steps == list(range(1, 7)), LIVE_REPORTS  # report_every=1 in job_config: every step reaches Ray Train
+    for r in LIVE_REPORTS:
+        assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(r) and r["samples_per_s"] > 0
+        assert r["checkpoint"] == (r["step"] % job.train.checkpoint_every == 0 or r["step"] == 6)
+
+
 def test_pairs_are_same_effect_never_self_and_redrawn_each_epoch():
     effects = ["a"] * 4 + ["b"] * 3 + ["c"]
     epochs = [draw_pairs(effects, seed=7, epoch=e) for e in range(6)]
@@ -107,9 +116,12 @@ def job_config(prepared_uri, backbone, storage_path, name, **train):
 
     return TrainJobConfig(
         prepared=prepared_uri, backbone=backbone, storage_path=storage_path, name=name, num_workers=2,
-        cpus_per_worker=0.5, data_cpus=0.25, log_every=1, max_failures=2, train=TrainConfig(**{**TRAIN, **train}),
+        cpus_per_worker=0.5, data_cpus=0.25, log_every=1, report_every=1, max_failures=2, train=TrainConfig(**{**TRAIN, **train}),
         model_overrides=MODEL,
     )
+
+
+LIVE_REPORTS: list[dict] = []  # what Ray Train received from the "straight" run, in order
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +129,32 @@ def runs(ray_s3, prepared, tiny_backbone_dir):
     """Two runs on S3: "straight" does 6 steps in one go, "resumed" stops after 3 (the resume test goes on)."""
     from pipelines.train import run_training
 
+    import ray
+    from ray.train import UserCallback
+
+    @ray.remote(num_cpus=0)
+    class ReportLog:
+        def __init__(self):
+            self.received = []
+
+        def add(self, row):
+            self.received.append(row)
+
+        def rows(self):
+            return self.received
+
+    class RecordReports(UserCallback):
+        """Sends every report Ray Train receives to the ReportLog actor (callbacks run in Train's controller)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            log = ray.get_actor("train-reports", namespace="video2lora-tests")
+            ray.get(log.add.remote({**metrics[0], "checkpoint": checkpoint is not None}))
+
     jobs = {"straight": job_config(prepared[0].uri, tiny_backbone_dir, f"s3://{BUCKET}/runs", "straight", max_steps=6),
             "resumed": job_config(prepared[0].uri, tiny_backbone_dir, f"s3://{BUCKET}/runs", "resumed", max_steps=3)}
-    infos = {name: run_training(job) for name, job in jobs.items()}
+    reports = ReportLog.options(name="train-reports", namespace="video2lora-tests").remote()
+    infos = {name: run_training(job, callbacks=[RecordReports()] if name == "straight" else ()) for name, job in jobs.items()}
+    LIVE_REPORTS.extend(ray.get(reports.rows.remote()))
     return {name: (job, infos[name], read_metrics(storage.join(job.run_uri, "metrics.csv"))) for name, job in jobs.items()}
 
 

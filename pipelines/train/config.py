@@ -28,6 +28,9 @@ class TrainJobConfig:
     split: str = "train"  # manifest split to train on ("all": every row)
     max_failures: int = 3
     log_every: int = 10
+    # metrics (loss, lr, grad norm, samples/s) to Ray Train every N steps: the dashboard's live curve. Checkpoint
+    # steps report with their checkpoint; metrics.csv keeps every step. 0: only at checkpoints
+    report_every: int = 5
     zero_stage: int = 2
     model_overrides: dict = field(default_factory=dict)  # {"lora": {...}, "hyper": {...}} over the paper defaults
     init_checkpoint: str = ""  # start from this Video2LoRA artifact (its config wins over model_overrides); "" = fresh

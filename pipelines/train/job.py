@@ -27,8 +27,9 @@ def ray_storage(storage_path: str):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def run_training(job: TrainJobConfig) -> dict:
-    """Train on Ray (ray.init must have been called); returns a summary. Resumes a run of the same name."""
+def run_training(job: TrainJobConfig, callbacks=()) -> dict:
+    """Train on Ray (ray.init must have been called); returns a summary. Resumes a run of the same name.
+    `callbacks`: Ray Train `UserCallback`s (e.g. to forward each report to an experiment tracker)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -58,6 +59,7 @@ def run_training(job: TrainJobConfig) -> dict:
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=job.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     start = time.perf_counter()

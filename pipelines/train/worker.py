@@ -67,6 +67,9 @@ class WorkerRun:
         return self.world * self.job.train.batch_size
 
 
+LIVE_METRICS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s")
+
+
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = set_up_worker(config)
@@ -87,6 +90,10 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.info(format_progress(row, t.max_steps, eta))
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             full_weights = save_and_report(w, step, row)
+        elif w.job.report_every and step % w.job.report_every == 0:
+            import ray.train
+
+            ray.train.report({k: row[k] for k in LIVE_METRICS})  # every rank (a collective), no checkpoint
     if full_weights is None:  # nothing trained in this run (already at max_steps): gather for the artifact
         full_weights = gather_full_fp32(w.engine)
     if per_rank is None:
