@@ -203,6 +203,14 @@ def test_job_against_s3(ray_local, s3_server, tiny_backbone_dir, checkpoint, cli
     assert exists("s3://v2l/out/videos/s3row0.mp4") and exists(join("s3://v2l/out", "results.parquet"))
     again = run_batch_job("s3://v2l/manifest.parquet", config(tiny_backbone_dir, checkpoint, "s3://v2l/out"), progress=False)
     assert again["skipped"] == 2
+    # the results page of an s3:// output: written there, previews beside it (made by Ray tasks reading S3)
+    from pipelines.gallery import write_gallery
+    from video2lora.storage import read_bytes
+
+    assert write_gallery("s3://v2l/out") == "s3://v2l/out/index.html"
+    page = read_bytes("s3://v2l/out/index.html").decode()
+    for name in ("s3row0.ref0", "s3row0.out", "s3row1.ref0", "s3row1.out"):
+        assert f'src="gallery/{name}.gif"' in page and exists(f"s3://v2l/out/gallery/{name}.gif"), name
 
 
 def test_backbone_defaults_do_not_override_explicit_flags(tiny_backbone_dir):

@@ -72,7 +72,7 @@ def test_the_manifest_is_read_a_batch_of_rows_at_a_time(tmp_path):
     first = next(blocks)
     assert read == [1000]  # one batch of rows read (a row group here, at most 4,096), not 10,000
     assert first["sample_id"].tolist() == ["r00000", "r00002", "r00003", "r00004"]  # done and refused rows left out
-    assert first["reference_uri"].iloc[0] == str(tmp_path / "clips" / "a.mp4")  # relative to the manifest
+    assert list(first["reference_uris"].iloc[0]) == [str(tmp_path / "clips" / "a.mp4")]  # relative to the manifest
     rest = list(blocks)
     assert "steps" in settled["r00005"]["error"] and settled["r00005"]["status"] == "failed"
     assert sum(read) == n and sum(len(b) for b in [first, *rest]) == n - 2

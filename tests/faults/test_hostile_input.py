@@ -122,7 +122,7 @@ def test_hostile_manifest_rows(ray_cluster, tiny_backbone_dir, checkpoint, clips
     # nothing was written outside the output prefix, and nothing but the finished rows inside it
     assert sorted(os.listdir(out / "videos")) == sorted(f"{s}.mp4" for s in good)
     assert sorted(os.listdir(out / "rows")) == sorted(f"{s}.json" for s in good)
-    assert sorted(os.listdir(out)) == ["results.parquet", "rows", "videos"]
+    assert sorted(os.listdir(out)) == ["job.json", "results.parquet", "rows", "videos"]
     assert sorted(os.listdir(tmp_path)) == ["m.parquet", "out"]
     assert not os.path.exists(escape_abs + ".mp4") and not os.path.exists("/etc/x.mp4")
 
