@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipelines.common import SetupError, error_text, init_ray
 from pipelines.config import BatchJobConfig, with_placement
+from pipelines.gallery import JOB_NAME
 from pipelines.manifest import Manifest
 from pipelines.metrics import JobMetrics
 from pipelines.stages import RESULT_COLUMNS, GenerateStage, HypernetStage, fetch_and_decode, write_videos
@@ -188,8 +189,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     if to_run:
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
-    from pipelines.gallery import JOB_NAME  # which manifest made this output: for the gallery page
-
+    # which manifest made this output: the gallery page reads its prompts and references
     manifest_abs = manifest_uri if "://" in manifest_uri else os.path.abspath(manifest_uri)
     write_bytes_atomic(join(cfg.output, JOB_NAME), json.dumps({"manifest": manifest_abs}).encode())
 

@@ -8,7 +8,7 @@ import time
 
 from ray import serve
 
-from pipelines.common import error_text, frames_to_uint8
+from pipelines.common import error_text
 from pipelines.config import ServeConfig
 from video2lora.config import InputError
 
@@ -39,10 +39,10 @@ class LoRAPredictor:
     def _predict(self, items):
         import pandas as pd
 
-        from video2lora.video_io import decode_video
+        from pipelines.stages import reference_pixels
 
         start = time.perf_counter()
-        g = self.cfg.generation
+        job = self.stage.cfg  # the batch job settings the stage was built with
         rows, decoded = [], {}
         for h, data in items:  # decode each distinct uncached reference once, as fetch_and_decode does
             row = {"sample_id": h, "status": "pending", "error": "", "reference_hash": h, "ref_hashes": [h],
@@ -50,8 +50,7 @@ class LoRAPredictor:
             if h not in self.stage.cache:
                 try:
                     if h not in decoded:
-                        decoded[h] = frames_to_uint8(decode_video(data, "reference", g.num_frames, g.height,
-                                                                  g.width)).tobytes()
+                        decoded[h] = reference_pixels(data, "reference", job)
                     row["ref_pixels"] = [decoded[h]]
                 except Exception as e:  # noqa: BLE001 - this request's reference only
                     row.update(status="failed", error=error_text(e))

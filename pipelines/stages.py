@@ -68,11 +68,18 @@ def mix_hash(hashes: list[str], weights: list[float]) -> str:
     return "+".join(f"{w:g}*{h}" for h, w in zip(hashes, weights))
 
 
-def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
-    """Read each row's references (and first frame), or its LoRA file. Never raises for a bad row."""
-    from video2lora.video_io import decode_image, decode_video
+def reference_pixels(data: bytes, uri: str, cfg: BatchJobConfig) -> bytes:
+    """A reference clip's file -> its frames at the generation size, as the uint8 bytes the hypernetwork stage takes."""
+    from video2lora.video_io import decode_video
 
     g = cfg.generation
+    return frames_to_uint8(decode_video(data, uri, g.num_frames, g.height, g.width)).tobytes()
+
+
+def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
+    """Read each row's references (and first frame), or its LoRA file. Never raises for a bad row."""
+    from video2lora.video_io import decode_image
+
     out = []
     for row in batch.to_dict("records"):
         start = time.perf_counter()
@@ -87,7 +94,7 @@ def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
             for uri in uris:
                 data = read_bytes(uri, max_bytes=cfg.max_reference_bytes)
                 rec["ref_hashes"].append(content_hash(data))
-                rec["ref_pixels"].append(frames_to_uint8(decode_video(data, uri, g.num_frames, g.height, g.width)).tobytes())
+                rec["ref_pixels"].append(reference_pixels(data, uri, cfg))
             if uris:
                 rec["reference_hash"] = mix_hash(rec["ref_hashes"], weights)
             if row["image_uri"]:
