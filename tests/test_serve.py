@@ -71,6 +71,19 @@ def post(url, ref_path=None, files=None, timeout=120, **fields):
     return requests.post(f"{url}/generate", data={k: str(v) for k, v in fields.items()}, files=files, timeout=timeout)
 
 
+def assert_same_video(a, b):
+    """Two answers for the same request: the same file when both were denoised as a batch of one on replicas with
+    the same thread count (the same arithmetic); otherwise (a retried or batched request: Serve may form a batch of
+    two) the same frames up to float rounding between batch layouts (as in the concurrent-requests test)."""
+    same_layout = (a.headers["x-batch-size"] == b.headers["x-batch-size"] == "1"
+                   and a.headers["x-generator"].split(":threads=")[-1] == b.headers["x-generator"].split(":threads=")[-1])
+    if same_layout:
+        assert a.content == b.content, (dict(a.headers), dict(b.headers))
+    else:
+        diff = float((frames(a.content) - frames(b.content)).abs().mean())
+        assert diff < 0.01, (diff, dict(a.headers), dict(b.headers))
+
+
 def frames(mp4: bytes):
     from video2lora.video_io import decode_video
 
@@ -244,7 +257,8 @@ def test_a_replica_killed_mid_request_is_retried_or_answered_never_hangs(service
         assert r.json()["error"]
     else:  # retried on the replacement replica: the same seeded video
         again = post(url, refs[0], prompt="x", seed=3, steps=600)
-        assert again.status_code == 200 and again.content == r.content
+        assert again.status_code == 200
+        assert_same_video(again, r)
     assert post(url, refs[1], prompt="after", seed=4).status_code == 200
 
 
@@ -303,7 +317,8 @@ def test_mixed_references_and_an_uploaded_lora_file(service, tiny_backbone_dir, 
     # one reference at weight 1 is the plain request, byte for byte
     one = requests.post(f"{url}/generate", files=[files[0]], data={"prompt": "a mix", "seed": "7",
                                                                    "reference_weights": "1"}, timeout=120)
-    assert one.content == single.content
+    assert one.status_code == 200, one.text
+    assert_same_video(one, single)
     # bad mixes and files name the field
     bad_file = save({k: (v[:, :3] if k.endswith("lora_A.weight") else v).contiguous() for k, v in got.items()})
     for data, fls, field in [({"reference_weights": "a,b"}, files, "reference_weights"),
