@@ -126,7 +126,7 @@ class ServeConfig:
     predictor_num_gpus: float | None = None  # None: a quarter of a GPU when the cluster shows one, else 0
     replica_num_cpus: float = 0.25  # per replica; fractional on small machines
     torch_threads: int = 0  # per model replica; 0: Ray's default (the replica's whole CPUs, at least 1)
-    max_queued_requests: int = 64  # per generator replica, beyond its batch: more waiting answers 503
+    max_queued_requests: int = 64  # per generator (and predictor) replica, beyond its batch: more waiting answers 503
     max_request_bytes: int = 64 << 20  # a whole upload (reference + first frame); larger is refused before it is read
     # reference_uri may only name these prefixes (the server's own credentials read them); a local directory may be
     # added for a single-machine deployment

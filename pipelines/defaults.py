@@ -41,11 +41,30 @@ def default_checkpoint(backbone_uri: str, seed: int = 0) -> str:
         or os.path.abspath(str(backbone_uri)).rstrip("/") == str(bundled_backbone)
     ):  # the bundled checkpoint was trained for the bundled backbone: another backbone gets a seeded untrained one
         return str(BUNDLED_CHECKPOINT)
+    import shutil
+
+    from diffusers.utils import logging as diffusers_logging
+
     from video2lora.backbones import Backbone
     from video2lora.generate import new_model_for
+    from video2lora.storage import content_hash, join, read_bytes
 
-    path = Path(default_cache_dir()) / f"untrained-checkpoint-seed{seed}"
+    # one cached untrained checkpoint per backbone shape (its DiT's and VAE's configs): another backbone must not
+    # pick up one made for different layers
+    shape = b"".join(read_bytes(join(backbone_uri, part, "config.json")) for part in ("transformer", "vae"))
+    path = Path(default_cache_dir()) / f"untrained-checkpoint-{content_hash(shape)[:16]}-seed{seed}"
+    # said on every run, not only when it is made: LoRAs from an untrained hypernetwork carry no effect
+    logger.warning("no trained checkpoint for the backbone %s: using an untrained seeded hypernetwork (%s); give "
+                   "--checkpoint for real effects", backbone_uri, path)
     if not (path / "config.json").exists():
-        logger.warning("no bundled trained checkpoint: using an untrained seeded hypernetwork (%s)", path)
-        new_model_for(Backbone.from_pretrained(backbone_uri, device="cpu"), seed=seed).save_pretrained(str(path))
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        diffusers_logging.disable_progress_bar()  # the driver's console: our bar only
+        try:
+            new_model_for(Backbone.from_pretrained(backbone_uri, device="cpu"), seed=seed).save_pretrained(str(tmp))
+        finally:
+            diffusers_logging.enable_progress_bar()
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent run sees no checkpoint or a whole one
+        except OSError:  # another run made it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)

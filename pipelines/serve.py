@@ -53,6 +53,25 @@ class RequestError(Exception):
         self.status, self.field = status, field
 
 
+def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether reference_uri names a file under one of the allowed prefixes: a '..' part is refused outright (it
+    would climb out of a prefix: `<dir>/../../etc/passwd` starts with `<dir>`), and a local path must still be under
+    a local prefix once symlinks are resolved."""
+    import os
+
+    if ".." in uri.replace("\\", "/").split("/") or "\x00" in uri:
+        return False
+    for prefix in prefixes:
+        if "://" in prefix:
+            if uri.startswith(prefix):
+                return True
+        elif "://" not in uri:
+            root = os.path.realpath(prefix)
+            if os.path.commonpath([root, os.path.realpath(uri)]) == root:
+                return True
+    return False
+
+
 # --- the ingress: HTTP in, checks, answers ---
 
 def _json(status: int, body: dict, headers: dict | None = None):
@@ -167,9 +186,9 @@ class Video2LoRAApp:
         if uri:
             if not isinstance(uri, str):
                 raise RequestError(422, "reference_uri", "reference_uri must be a form field, not a file")
-            if not uri.startswith(tuple(self.cfg.reference_uri_prefixes)):
+            if not uri_allowed(uri, self.cfg.reference_uri_prefixes):
                 raise RequestError(422, "reference_uri", f"reference_uri must start with one of "
-                                                         f"{list(self.cfg.reference_uri_prefixes)}")
+                                                         f"{list(self.cfg.reference_uri_prefixes)} (no '..' parts)")
             from video2lora.storage import read_bytes
 
             try:
@@ -218,13 +237,13 @@ class Video2LoRAApp:
                 "reference_hash": mix_hash([h for h, _ in refs], weights),
                 "cache_hit": all(p["cache_hit"] for p in predicted), "t_s": max(p["t_s"] for p in predicted)}
 
-    async def _call(self, method, arg):
+    async def _call(self, method, *args):
         """One call to a model deployment: a full queue is a 503; a replica lost mid-call is retried once."""
         from ray.serve.exceptions import BackPressureError
 
         for attempt in (0, 1):
             try:
-                return await method.remote(arg)
+                return await method.remote(*args)
             except BackPressureError:
                 raise RequestError(503, "", "the service is at capacity (queue full); retry later") from None
             except Exception as e:  # noqa: BLE001
@@ -255,13 +274,10 @@ class Video2LoRAApp:
         if not (math.isfinite(strength) and lo <= strength <= hi):
             raise RequestError(422, "lora_strength", f"lora_strength={strength} is outside [{lo}, {hi}]")
         lora = await self._lora(fields)
-        data = await self._call_export(lora, strength)
+        data = await self._call(self.generator.export_lora, lora["loras"], lora["weights"], strength)
         return Response(data, media_type="application/octet-stream", headers={
             "Content-Disposition": f'attachment; filename="{lora["reference_hash"][:16]}.safetensors"',
             "X-Reference-Hash": lora["reference_hash"], "X-LoRA-Cache-Hit": str(lora["cache_hit"]).lower()})
-
-    async def _call_export(self, lora, strength):
-        return await self.generator.export_lora.remote(lora["loras"], lora["weights"], strength)
 
     async def generate(self, request):
         import dataclasses
@@ -365,7 +381,7 @@ def build_app(args: dict | None = None):
         max_ongoing_requests=cfg.batch_size, max_queued_requests=cfg.max_queued_requests, **scale).bind(cfg)
     predictor = LoRAPredictor.options(
         num_replicas=cfg.predictor_replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": cfg.predictor_num_gpus},
-        max_ongoing_requests=max(cfg.batch_size, 8)).bind(cfg)
+        max_ongoing_requests=max(cfg.batch_size, 8), max_queued_requests=cfg.max_queued_requests).bind(cfg)
     queue = cfg.max_queued_requests + cfg.batch_size
     return Video2LoRAApp.options(ray_actor_options={"num_cpus": min(cpus, 0.1)}, max_ongoing_requests=4 * queue,
                                  max_queued_requests=4 * queue).bind(cfg, predictor, generator)

@@ -77,6 +77,14 @@ def test_bad_mixes_and_files_name_the_problem(gen, refs):
     p0 = gen.predict_loras([refs[0]])[0]
     with pytest.raises(ValueError, match="one weight per LoRA"):
         PredictedLoRA.blend([p0, p0], [1.0])
+    from video2lora.config import InputError
+
+    for w in (float("nan"), float("inf"), "x", None):
+        with pytest.raises(InputError, match="finite") as err:
+            PredictedLoRA.blend([p0, p0], [0.5, w])
+        assert err.value.field == "reference_weights"
+    with pytest.raises(InputError, match="finite"):  # the library's own request path checks the same
+        gen.generate([GenerationRequest("x", references=[refs[0], refs[1]], reference_weights=[1.0, float("nan")])])
     from safetensors.torch import load, save
 
     state = load(gen.export_lora(p0, 1.0))

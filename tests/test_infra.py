@@ -1064,3 +1064,22 @@ def test_readme_covers_the_deployment():
                    r"8265", r"ray job logs", r"kubectl( -n \S+)? logs", r"create secret", r"rayjob-train",
                    r"resume", r"Dockerfile\.gpu", r"s3://", r"results\.parquet"):
         assert re.search(needle, text), needle
+
+
+def test_every_ray_pod_is_scraped_by_prometheus_only_while_enabled(values):
+    """PROMETHEUS_SCRAPE on: every Ray pod of the RayCluster and of every RayJob/RayService carries the
+    prometheus.io annotations, pointing at the port Ray exports its metrics on; off: none of them does."""
+    for scrape in (True, False):
+        docs = [d for ds in render.render(ALL_TEMPLATES, {**values, "PROMETHEUS_SCRAPE": scrape}).values() for d in ds
+                if d.get("apiVersion") == "ray.io/v1"]
+        specs = _cluster_specs(docs) + [(d["metadata"]["name"], d["spec"]["rayClusterConfig"]) for d in docs
+                                        if d["kind"] == "RayService"]
+        assert specs
+        for label, spec in specs:
+            for group, g in _groups(spec):
+                notes = g["template"]["metadata"].get("annotations") or {}
+                if scrape:
+                    assert notes.get("prometheus.io/scrape") == "true", (label, group)
+                    assert notes.get("prometheus.io/port") == g["rayStartParams"]["metrics-export-port"], (label, group)
+                else:
+                    assert not any(k.startswith("prometheus.io/") for k in notes), (label, group)

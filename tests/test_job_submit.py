@@ -1,6 +1,7 @@
 """`ray job submit` against a local `ray start --head` cluster runs the batch job end to end."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,11 +56,14 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_batch_job(ray_head, tiny_backbone_dir, tmp_path):
+    from conftest import save_model_for
+
     address, env = ray_head
     out = tmp_path / "out"
+    checkpoint = save_model_for(tiny_backbone_dir, str(tmp_path / "ckpt"))  # trained stand-in: a clean run
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-           "--working-dir", REPO, "--", "python", "jobs/batch_generate.py", "--output", str(out), "--quiet",
-           "--backbone", tiny_backbone_dir, "--steps", "2", "--actor-num-cpus", "0.25"]
+           "--working-dir", REPO, "--", "python", "jobs/batch_generate.py", "--output", str(out), "--gallery",
+           "--backbone", tiny_backbone_dir, "--checkpoint", checkpoint, "--steps", "2", "--actor-num-cpus", "0.25"]
     deadline = time.time() + 60
     while True:  # the job agent can take a few seconds after the dashboard is up
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -75,6 +79,24 @@ def test_ray_job_submit_runs_batch_job(ray_head, tiny_backbone_dir, tmp_path):
     for looks_like_a_fault in ("Progress bars disabled", "deprecated", "core_worker.cc", "Traceback", " ERROR ",
                                " E ", "WARNING", "Warning:"):
         assert looks_like_a_fault not in job_log, (looks_like_a_fault, job_log[-3000:])
+    # what it does print: our progress bar, to its last row, and the summary
+    assert "videos: 100%" in job_log and "12/12" in job_log, job_log[-3000:]
+    assert "done: 12 made, 0 skipped, 0 failed" in job_log, job_log[-3000:]
     res = pd.read_parquet(out / "results.parquet")
     assert len(res) == 12 and set(res.status) == {"ok"}
     assert len(os.listdir(out / "videos")) == 12
+    # --gallery wrote the results page: a generated preview per row, made by Ray tasks on the cluster
+    page = (out / "index.html").read_text()
+    assert page.count('alt="generated"') == 12
+    assert len([f for f in os.listdir(out / "gallery") if f.endswith(".out.gif")]) == 12
+    # jobs/gallery.py writes the same page again for an existing output, on the same cluster
+    os.remove(out / "index.html")
+    shutil.rmtree(out / "gallery")
+    g = subprocess.run(cmd[:cmd.index("--") + 1] + ["python", "jobs/gallery.py", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert g.returncode == 0 and "gallery: " in g.stdout, (g.stdout + g.stderr)[-3000:]
+    assert (out / "index.html").read_text() == page
+    # and refuses a directory that is not a batch job's output, saying so
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "gallery.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "has no results.parquet" in bad.stderr

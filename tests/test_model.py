@@ -171,3 +171,30 @@ def test_size_report_from_published_configs(capsys):
     main(["cogvideox-5b"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "MB" in last and "KB" in last
+
+
+def test_default_checkpoint_is_one_per_backbone_and_says_it_is_untrained(tiny_backbone_dir, tiny_i2v_backbone_dir,
+                                                                         tmp_path, monkeypatch, caplog):
+    """With no --checkpoint for a backbone other than the bundled one, each backbone shape gets its own seeded
+    untrained checkpoint (one made for another backbone's layers is never reused), and every run says so."""
+    import logging
+
+    from pipelines import defaults
+    from video2lora.hypernet import Video2LoRAModel
+
+    monkeypatch.setenv("VIDEO2LORA_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipelines.defaults"):
+        t2v = defaults.default_checkpoint(tiny_backbone_dir)
+        i2v = defaults.default_checkpoint(tiny_i2v_backbone_dir)
+        again = defaults.default_checkpoint(tiny_backbone_dir)
+    assert t2v == again != i2v and os.path.dirname(t2v) == str(tmp_path)
+    assert sum("untrained seeded hypernetwork" in r.getMessage() for r in caplog.records) == 3
+    for backbone, ckpt in ((tiny_backbone_dir, t2v), (tiny_i2v_backbone_dir, i2v)):
+        Video2LoRAGenerator.from_pretrained(backbone, ckpt, device="cpu")  # its layers fit that backbone
+    first = Video2LoRAModel.from_pretrained(t2v).state_dict()
+    import shutil
+
+    shutil.rmtree(t2v)  # made again (another machine): seeded, the same weights
+    remade = Video2LoRAModel.from_pretrained(defaults.default_checkpoint(tiny_backbone_dir)).state_dict()
+    assert first.keys() == remade.keys() and all(torch.equal(first[k], remade[k]) for k in first)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # made atomically, nothing left behind

@@ -53,7 +53,9 @@ def service(tiny_backbone_dir, checkpoint, clips):
     url = f"http://127.0.0.1:{port}"
 
     def deploy(**kw):
-        cfg = serve_config(tiny_backbone_dir, checkpoint, **{"batch_size": 2, "batch_wait_timeout_s": 1.0, **kw})
+        # a local directory may be allowed for reference_uri on a single machine: the clips' own
+        cfg = serve_config(tiny_backbone_dir, checkpoint, **{"batch_size": 2, "batch_wait_timeout_s": 1.0,
+                                                             "reference_uri_prefixes": ("s3://", str(clips[0])), **kw})
         serve.run(build_app(cfg), name="video2lora", route_prefix="/")
         assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
         return cfg
@@ -120,6 +122,20 @@ def test_video_equals_the_batch_jobs_for_the_same_row(service, tiny_backbone_dir
     assert float((frames(other.content) - frames(r.content)).abs().mean()) > 0.01  # the reference matters
 
 
+def test_a_reference_uri_and_a_negative_prompt(service, clips):
+    url, _ = service
+    _, refs = clips
+    uploaded = post(url, refs[2], prompt="a green square", seed=9)
+    by_uri = post(url, prompt="a green square", seed=9, reference_uri=refs[2])  # under an allowed prefix
+    assert uploaded.status_code == by_uri.status_code == 200, by_uri.text
+    assert by_uri.headers["x-reference-hash"] == uploaded.headers["x-reference-hash"]
+    assert_same_video(by_uri, uploaded)
+    negative = post(url, prompt="a green square", seed=9, reference_uri=refs[2], negative_prompt="a red circle")
+    assert negative.status_code == 200, negative.text
+    # CFG steers away from the negative prompt: a different video from the empty one
+    assert float((frames(negative.content) - frames(uploaded.content)).abs().mean()) > 0.01
+
+
 def test_concurrent_requests_with_different_references_share_one_batch(service, clips):
     url, _ = service
     _, refs = clips
@@ -171,6 +187,8 @@ HOSTILE = [  # (form fields, files, status, field named)
     ({}, "ref", 422, "prompt"),
     ({"prompt": "x", "colour": "red"}, "ref", 422, "colour"),
     ({"prompt": "x", "reference_uri": "/etc/passwd"}, {}, 422, "reference_uri"),
+    ({"prompt": "x", "reference_uri": "CLIPS/../../../etc/passwd"}, {}, 422, "reference_uri"),  # climbs out of CLIPS
+    ({"prompt": "x", "reference_uri": "CLIPS/missing.mp4"}, {}, 422, "reference_uri"),
     ({"prompt": "x", "reference_uri": "s3://x/y.mp4"}, "ref", 422, "reference"),
     ({"prompt": "x"}, {"reference": ("a.mp4", b"0" * (MAX_BYTES + 1))}, 413, "reference"),
     ({"prompt": "x"}, {"reference": ("a.mp4", b"x"), "image": ("i.png", b"not an image")}, 422, "image"),
@@ -182,6 +200,7 @@ def test_hostile_requests_get_a_4xx_naming_the_field_and_the_replica_keeps_servi
     _, refs = clips
     ref = ("ref.mp4", open(refs[0], "rb").read(), "video/mp4")
     for data, files, status, field in HOSTILE:
+        data = {k: v.replace("CLIPS", str(clips[0])) for k, v in data.items()}
         r = requests.post(f"{url}/generate", data=data, files={"reference": ref} if files == "ref" else files,
                           timeout=60)
         assert r.status_code == status and r.json()["field"] == field, (data, r.status_code, r.text)
@@ -314,7 +333,7 @@ def test_mixed_references_and_an_uploaded_lora_file(service, tiny_backbone_dir, 
     diff = float((frames(mixed.content) - frames(reused.content)).abs().mean())
     effect = float((frames(mixed.content) - frames(single.content)).abs().mean())
     assert diff < 0.01 and effect > 10 * diff, (diff, effect)
-    # one reference at weight 1 is the plain request, byte for byte
+    # one reference at weight 1 is the plain request (byte for byte when both were denoised alone)
     one = requests.post(f"{url}/generate", files=[files[0]], data={"prompt": "a mix", "seed": "7",
                                                                    "reference_weights": "1"}, timeout=120)
     assert one.status_code == 200, one.text
@@ -329,3 +348,65 @@ def test_mixed_references_and_an_uploaded_lora_file(service, tiny_backbone_dir, 
                              ({}, {"lora": ("junk.safetensors", b"not a safetensors file")}, "lora")]:
         answer = requests.post(f"{url}/generate", files=fls, data={"prompt": "x", **data}, timeout=60)
         assert answer.status_code == 422 and answer.json()["field"] == field, (data, answer.text)
+
+
+def test_built_app_scales_generators_on_queued_requests_and_bounds_every_queue():
+    """build_app's deployment options (no Ray needed): autoscaling when generator_max_replicas is above
+    generator_replicas, a fixed count otherwise; both model deployments' queues bounded (a full one answers 503)."""
+    from pipelines.serve import build_app, resolve
+
+    def deployments(cfg):
+        ingress = build_app(cfg)._bound_deployment
+        _, predictor, generator = ingress.init_args
+        return ingress, predictor._bound_deployment, generator._bound_deployment
+
+    _, predictor, generator = deployments(ServeConfig(generator_replicas=2, generator_max_replicas=6, batch_size=4,
+                                                      max_queued_requests=10))
+    scale = generator._deployment_config.autoscaling_config
+    assert (scale.min_replicas, scale.max_replicas, scale.target_ongoing_requests) == (2, 6, 4)
+    assert generator._deployment_config.max_ongoing_requests == 4  # one batch in flight per replica
+    assert generator._deployment_config.max_queued_requests == predictor._deployment_config.max_queued_requests == 10
+    _, _, fixed = deployments(ServeConfig(generator_replicas=3))
+    assert fixed._deployment_config.autoscaling_config is None and fixed._deployment_config.num_replicas == 3
+    on_gpus = resolve(ServeConfig(), cluster_gpus=8)  # a GPU cluster: a GPU per generator, a quarter per predictor
+    assert (on_gpus.generator_num_gpus, on_gpus.predictor_num_gpus) == (1.0, 0.25)
+    assert (resolve(ServeConfig(), 0).generator_num_gpus, resolve(ServeConfig(), 0).predictor_num_gpus) == (0.0, 0.0)
+
+
+def test_an_i2v_backbone_takes_the_first_frame(service, tiny_i2v_backbone_dir, tmp_path, clips):
+    """A second app on an image-to-video backbone: `image` (the first frame) reaches the generator, and the video
+    is the library's for the same reference, image, prompt and seed (up to float rounding: other thread counts)."""
+    import numpy as np
+    from PIL import Image
+    from ray import serve
+
+    from pipelines.serve import build_app
+    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+    from video2lora.video_io import encode_video, read_image, read_video
+
+    url, _ = service
+    _, refs = clips
+    ckpt = save_model_for(tiny_i2v_backbone_dir, str(tmp_path / "i2v-ckpt"))
+    cfg = serve_config(tiny_i2v_backbone_dir, ckpt, batch_size=2, batch_wait_timeout_s=0.2)
+    serve.run(build_app(cfg), name="i2v", route_prefix="/i2v")
+    try:
+        rng = np.random.default_rng(4)
+        images = []
+        for i in range(2):
+            path = tmp_path / f"first{i}.png"
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+            images.append(path)
+        answers = [post(f"{url}/i2v", refs[0], files={"image": ("f.png", p.read_bytes(), "image/png")},
+                        prompt="a dog", seed=4) for p in images]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        gen = Video2LoRAGenerator.from_pretrained(tiny_i2v_backbone_dir, ckpt, GenerationConfig(**GEN), device="cpu")
+        to_u8_grid = lambda x: ((x + 1) * 127.5).round() / 127.5 - 1  # noqa: E731 - as the stages pass frames
+        ref = to_u8_grid(read_video(refs[0], 9, 32, 32))
+        want = gen.generate([GenerationRequest("a dog", reference=ref, image=to_u8_grid(read_image(str(images[0]), 32, 32)),
+                                               seed=4)])[0]
+        got = frames(answers[0].content)
+        close = float((got - frames(encode_video(want, fps=cfg.generation.fps))).abs().mean())  # through one encoder
+        other_image = float((frames(answers[1].content) - got).abs().mean())
+        assert close < 0.01 and other_image > 10 * close, (close, other_image)
+    finally:
+        serve.delete("i2v")

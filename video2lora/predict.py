@@ -34,8 +34,17 @@ class PredictedLoRA:
         """The weighted mix of several references' LoRAs, exactly: their factors side by side (ranks add), each
         B_pred scaled by its weight, so that at every adapted layer (B_aux B) (A A_aux) = sum_k w_k B_k A_k. One
         LoRA at weight 1 is returned as it is."""
+        from .config import InputError
+
         if len(loras) != len(weights) or not loras:
-            raise ValueError(f"{len(loras)} LoRAs and {len(weights)} weights: give one weight per LoRA")
+            raise InputError("reference_weights", f"{len(loras)} LoRAs and {len(weights)} weights: give one weight per LoRA")
+        for w in weights:
+            try:
+                finite = bool(np.isfinite(float(w)))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise InputError("reference_weights", f"reference_weights has {w!r}: each must be a finite number")
         if len(loras) == 1 and weights[0] == 1.0:
             return loras[0]
         return PredictedLoRA(torch.cat([l.a_pred for l in loras], dim=1),
