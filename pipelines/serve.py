@@ -145,7 +145,11 @@ class Video2LoRAApp:
         self.cfg, self.predictor, self.generator = cfg, predictor, generator
 
     async def __call__(self, request):
-        path, method = request.url.path.rstrip("/") or "/", request.method
+        # relative to the app's route_prefix (Serve puts it in root_path), so the app answers under any prefix
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path, method = path.rstrip("/") or "/", request.method
         routes = {"/generate": ("POST", self.generate), "/lora": ("POST", self.lora), "/healthz": ("GET", self.healthz)}
         if path not in routes:
             return _json(404, {"error": f"no route {path}; use POST /generate, POST /lora or GET /healthz", "field": ""})
