@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from video2lora.config import TrainConfig  # noqa: E402
+from video2lora.config import HEAD_INITS, HyperConfig, TrainConfig  # noqa: E402
 
 DEMO_MAX_STEPS = 40
 
@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-every", type=int, default=5,
                    help="loss, lr, grad norm, samples/s to Ray Train every N steps (the dashboard's live curve)")
     p.add_argument("--model-config", default="", help='JSON overrides, e.g. \'{"lora": {"rank": 2}, "hyper": {"width": 96}}\'')
+    p.add_argument("--head-init", choices=HEAD_INITS, default=None,
+                   help="a fresh model's prediction head: tiny (the paper's: A_pred and B_pred both start tiny) or "
+                        "lora (A_pred random, B_pred zero, as LoRA); default: --model-config's, else tiny")
+    p.add_argument("--head-init-std", type=float, default=None,
+                   help=f"std of the head's weights with --head-init tiny (default {HyperConfig.head_init_std})")
     p.add_argument("--init-checkpoint", default="",
                    help="start from this Video2LoRA artifact (e.g. the weight-space warm start of "
                         "jobs/pretrain_hypernet.py); its config wins over --model-config")
@@ -73,9 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_job(a: argparse.Namespace):
     from pipelines import defaults
     from video2lora.effects.dataset import demo_training_manifest
-    from pipelines.train import TrainJobConfig, parse_model_overrides
+    from pipelines.train import TrainJobConfig, model_config, parse_model_overrides
 
     overrides = parse_model_overrides(a.model_config)  # first: a typo fails before anything is rendered or loaded
+    head = {k: v for k, v in (("head_init", a.head_init), ("head_init_std", a.head_init_std)) if v is not None}
+    if head:
+        if a.init_checkpoint:
+            raise ValueError("--head-init / --head-init-std initialise a fresh model; --init-checkpoint brings its own")
+        overrides = {**overrides, "hyper": {**overrides.get("hyper", {}), **head}}
+        model_config(overrides)
     demo = not a.manifest
     manifest = a.manifest or demo_training_manifest(seed=a.seed)
     backbone = a.backbone or defaults.tiny_backbone()

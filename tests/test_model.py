@@ -134,6 +134,45 @@ def test_video_encoder_blocks_roundtrip_and_see_frame_order(generator, tmp_path)
     assert (backwards - model.predict(latents)[0]).abs().max() > 1e-4
 
 
+def test_lora_head_init_starts_at_zero_with_a_gradient_tiny_unchanged(tmp_path):
+    """head_init "lora": the predicted LoRA is exactly zero, yet a loss on it sends a gradient to the head (B_pred's
+    rows), so training does not start at the saddle of "tiny" (the default, unchanged), whose gradient is near zero."""
+    from video2lora.config import HyperConfig, LoRAConfig, Video2LoRAConfig
+
+    def build(**hyper):
+        torch.manual_seed(0)
+        return Video2LoRAModel(Video2LoRAConfig(
+            lora=LoRAConfig(rank=2, down=8, up=6), layers=[(f"l{i}", 16, 12) for i in range(3)], latent_channels=4,
+            hyper=HyperConfig(width=16, num_blocks=1, num_heads=2, iterations=2, **hyper)))
+
+    g = torch.Generator().manual_seed(1)
+    latents, targets = torch.randn(2, 4, 3, 4, 4, generator=g), [torch.randn(2, 12, 16, generator=g) for _ in range(3)]
+
+    def deltas_and_head_grad(model):
+        deltas = [lora.up @ lora.down for lora in model(latents)]  # (N, out, in): the weight update of each layer
+        sum(((d - t) ** 2).mean() for d, t in zip(deltas, targets)).backward()
+        return deltas, model.hypernet.head.weight.grad
+
+    default, tiny, lora = build(), build(head_init="tiny"), build(head_init="lora")
+    for (k, v), v2 in zip(default.state_dict().items(), tiny.state_dict().values()):
+        assert torch.equal(v, v2), k  # "tiny" is the default, bit for bit
+    d_tiny, g_tiny = deltas_and_head_grad(tiny)
+    d_lora, g_lora = deltas_and_head_grad(lora)
+    a_rows = 2 * 8  # the head's first rank * down outputs are A_pred
+    assert all(torch.count_nonzero(d) == 0 for d in d_lora) and all(d.abs().max() > 0 for d in d_tiny)
+    assert g_lora[a_rows:].abs().sum(1).min() > 0  # every B_pred row of the head learns from the first step
+    assert torch.count_nonzero(g_lora[:a_rows]) == 0  # A_pred's rows follow once B_pred moves, as in LoRA
+    assert g_tiny.norm() < 0.1 * g_lora.norm()  # tiny x tiny: the saddle
+    # config.json round-trips the field, and one written before it existed loads as "tiny"
+    lora.save_pretrained(str(tmp_path / "lora"))
+    assert Video2LoRAModel.from_pretrained(str(tmp_path / "lora")).config.hyper.head_init == "lora"
+    old = tiny.config.to_dict()
+    del old["hyper"]["head_init"]
+    assert Video2LoRAConfig.from_dict(old) == tiny.config
+    with pytest.raises(ValueError, match="head_init"):
+        HyperConfig(head_init="zeros")
+
+
 def test_pickle_checkpoint_is_refused(generator, tmp_path):
     model = generator.model
     model.save_pretrained(str(tmp_path / "ckpt"))

@@ -42,6 +42,9 @@ class LoRAConfig:
         return self.rank * self.down + self.up * self.rank
 
 
+HEAD_INITS = ("tiny", "lora")  # HyperConfig.head_init
+
+
 @dataclass
 class HyperConfig:
     """The hypernetwork: video latent tokens -> weight tokens -> (A_pred, B_pred) per layer."""
@@ -52,10 +55,19 @@ class HyperConfig:
     mlp_ratio: float = 4.0
     iterations: int = 3  # refinement iterations: each predicts a delta on the previous weights
     latent_patch: int = 2  # spatial patch of the latent grid per video token
-    head_init_std: float = 1e-3  # tiny init of the prediction head
+    head_init_std: float = 1e-3  # std of the prediction head's weights for head_init "tiny"
     encoder_blocks: int = 0  # self-attention blocks over the video tokens before the decoder reads them (0: paper)
     stem_channels: int = 0  # >0: two 3x3x3 convolutions over the latent before it is cut into tokens (0: paper)
     max_video_tokens: int = 4096  # positional table size for video tokens
+    # "tiny" (the paper's): every head weight N(0, head_init_std), so A_pred and B_pred both start tiny and the
+    # gradient of their product starts near zero. "lora": the usual LoRA init - the head rows that produce A_pred
+    # random (A_pred rows of about unit norm after the refinement iterations, as the warm start's tables), B_pred's
+    # zero: the predicted LoRA is exactly zero at the start, but B_pred's rows get a gradient from the first step
+    head_init: str = "tiny"
+
+    def __post_init__(self):
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"hyper.head_init {self.head_init!r}: expected one of {HEAD_INITS}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Video2LoRAConfig
+from .config import HEAD_INITS, Video2LoRAConfig
 from .lightlora import LayerLoRA
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,25 @@ class EncoderBlock(nn.Module):
         return video + self.mlp(self.norm2(video))
 
 
+def init_head(head: nn.Linear, kind: str, std: float, rank: int, down: int, iterations: int) -> None:
+    """Initialise the prediction head, whose first rank * down outputs are A_pred and the rest B_pred.
+
+    "tiny": every weight N(0, std). "lora": A_pred's rows N(0, 1 / (iterations * sqrt(width * down))), so that the
+    LayerNormed tokens (unit variance per feature) of the `iterations` refinements add up to A_pred rows of about
+    unit norm (as the warm start's tables), and B_pred's rows zero: LoRA's A random and B zero, the predicted LoRA
+    exactly zero at the start but not its gradient. The bias starts at zero in both."""
+    if kind == "tiny":
+        nn.init.normal_(head.weight, std=std)
+    elif kind == "lora":
+        a_rows = rank * down
+        with torch.no_grad():
+            head.weight[:a_rows].normal_(std=(head.in_features * down) ** -0.5 / max(1, iterations))
+            head.weight[a_rows:].zero_()
+    else:
+        raise ValueError(f"HyperConfig.head_init {kind!r}: expected one of {HEAD_INITS}")
+    nn.init.zeros_(head.bias)
+
+
 class HyperNetwork(nn.Module):
     def __init__(self, config: Video2LoRAConfig):
         super().__init__()
@@ -86,8 +105,7 @@ class HyperNetwork(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(w, hc.num_heads, hc.mlp_ratio) for _ in range(hc.num_blocks))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, lc.pred_size)
-        nn.init.normal_(self.head.weight, std=hc.head_init_std)
-        nn.init.zeros_(self.head.bias)
+        init_head(self.head, hc.head_init, hc.head_init_std, lc.rank, lc.down, hc.iterations)
 
     def video_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         latents = self.stem(latents)
