@@ -1,7 +1,7 @@
 """Right- vs wrong-reference diffusion losses of trained Video2LoRA checkpoints, side by side.
 
     python jobs/effect_losses.py --prepared outputs/e2e-init/prepared/<key> --backbone video2lora/assets/checkpoint/backbone \
-        --checkpoint tiny=outputs/e2e-init/tiny --checkpoint lora=outputs/e2e-init/lora (see EXPERIMENT.md)
+        --checkpoint tiny=outputs/e2e-init/tiny --checkpoint lora=outputs/e2e-init/lora   (docs/EFFECTS.md)
 
 For every checkpoint and split of the preparation ("train": the effects it trained on, "heldout": effects it never
 saw), `video2lora.training.warmstart.effect_losses` - the report of jobs/pretrain_hypernet.py - gives the clips'
