@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     backbone = Backbone.from_pretrained(a.backbone, device="cpu", dtype=torch.float32, components=("transformer",))
     results: dict = {}
-    print("| checkpoint | split | clips | no LoRA | own-effect reference | other-effect reference | other - own |")
+    print("| checkpoint | split | clips | no LoRA | own-effect reference | other-effect reference | other - own (± SE) |")
     print("|---|---|---|---|---|---|---|")
     for name, model in models.items():
         model.eval()
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             results.setdefault(name, {})[split] = l
             clips = min(a.eval_rows or len(d.index), len(d.index))
             print(f"| {name} | {split} | {clips} | {l['none']:.4f} | {l['own_effect']:.4f} | {l['other_effect']:.4f} | "
-                  f"{l['other_effect'] - l['own_effect']:+.4f} |", flush=True)
+                  f"{l['other_effect'] - l['own_effect']:+.4f} ± {l['margin_se']:.4f} |", flush=True)
     if a.output:
         from video2lora import storage
 

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
                 parts[split] = part_accuracy(model, other, table)
     for name, l in losses.items():
         print(f"diffusion loss, {name}: no LoRA {l['none']:.4f}, own-effect reference {l['own_effect']:.4f}, "
-              f"other-effect reference {l['other_effect']:.4f}", flush=True)
+              f"other-effect reference {l['other_effect']:.4f} (other - own {l['other_effect'] - l['own_effect']:+.4f} "
+              f"± {l['margin_se']:.4f})", flush=True)
     tensors = {"a_pred": table.a_pred.contiguous(), "b_pred": table.b_pred.contiguous()}
     meta = {"groups": json.dumps(table.groups)}
     if table.units is not None:

@@ -272,14 +272,21 @@ def effect_losses(model, backbone, data: PreparedData, weights_of, seed: int = 1
         own.append(int(rng.choice(same)))
         other.append(int(rng.choice(diff)) if diff else t)
     totals = {"none": 0.0, "own_effect": 0.0, "other_effect": 0.0}
+    margins = []  # per batch: other-effect minus own-effect loss (same clips, timesteps and noise: paired)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         batch = {k: v.to(device) for k, v in stack_examples([data.example(t) for t in chunk]).items()}  # once, not 3x
+        losses = {}
         for name, refs in (("none", None), ("own_effect", own[i : i + batch_size]), ("other_effect", other[i : i + batch_size])):
             gen = torch.Generator().manual_seed(step_seed(seed, i, 0))  # same timesteps and noise for all three
             loras = None if refs is None else model.materialize(*(w.to(device) for w in weights_of(refs)))
-            totals[name] += float(batch_loss(model, backbone, batch, gen, loras)) * len(chunk)
-    return {k: v / len(rows) for k, v in totals.items()}
+            losses[name] = float(batch_loss(model, backbone, batch, gen, loras))
+            totals[name] += losses[name] * len(chunk)
+        margins.append(losses["other_effect"] - losses["own_effect"])
+    out = {k: v / len(rows) for k, v in totals.items()}
+    # the standard error of the mean margin over batches: is "own < other" more than noise?
+    out["margin_se"] = float(np.std(margins, ddof=1) / np.sqrt(len(margins))) if len(margins) > 1 else float("nan")
+    return out
 
 
 def table_weights(data: PreparedData, table: LoRATable):
