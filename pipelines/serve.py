@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 
 from ray import serve
@@ -57,8 +58,6 @@ def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
     """Whether reference_uri names a file under one of the allowed prefixes: a '..' part is refused outright (it
     would climb out of a prefix: `<dir>/../../etc/passwd` starts with `<dir>`), and a local path must still be under
     a local prefix once symlinks are resolved."""
-    import os
-
     if ".." in uri.replace("\\", "/").split("/") or "\x00" in uri:
         return False
     for prefix in prefixes:
