@@ -4,6 +4,10 @@
     python jobs/recipe.py --out outputs/effects --ship          # ... and copy the result into video2lora/assets
     python jobs/recipe.py --out /tmp/fx --pretrain-device cuda  # the backbone pretraining on a GPU
     python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
+    python jobs/recipe.py --world combo --out outputs/combo --backbone video2lora/assets/checkpoint/backbone \
+        --classifier video2lora/assets/checkpoint/classifier --ship   # the shipped checkpoint, exactly (about 85 min)
+
+`--backbone` / `--classifier` take an already trained backbone / judge as they are (their stages are skipped).
 
 `--world combo`: the effects are compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on
 35 of the 42 and is tested on 7 it never saw, each made of a motion and a look it saw with other partners
@@ -25,9 +29,13 @@ Stages (each is skipped when its output is already there, so a rerun resumes; `-
 6. train      jobs/train.py --init-checkpoint (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux
               matrices, end to end with the diffusion loss, on the training effects only, references paired by
               effect as in the paper;
-7. baselines  video2lora.effects.baselines: one ordinary LoRA per effect (seen and held-out), trained directly;
-8. evaluate   jobs/evaluate.py: the table (seen / held-out x video2lora / no LoRA / per-effect LoRA) and a
-              contact sheet per effect.
+7. baselines  video2lora.effects.baselines: one ordinary LoRA per effect (seen and held-out), trained directly,
+              each effect until its loss on its own validation clips stops falling (its own step budget);
+8. select     jobs/evaluate.py on the validation seed (--val-seed) for every checkpoint the train stage kept: the
+              best (mean of seen and held-out effect accuracy) becomes <out>/checkpoint (select/selection.md);
+9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (seen / held-out
+              x video2lora / no LoRA / per-effect LoRA, every cell with its standard error) and a contact sheet per
+              effect.
 
 Progress: each stage prints its own progress lines (steps, losses, ETA); the recipe prints a banner per stage and
 the wall time of every stage at the end (also in <out>/recipe.json). Numbers of the shipped run: docs/EFFECTS.md.
@@ -47,11 +55,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselines", "evaluate")
+STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselines", "select", "evaluate")
 # a conv stem over the latent: the hypernetwork learns to tell effects apart about twice as fast (docs/EFFECTS.md)
 HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 # compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
 COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
+RUN_NAME = "hypernet"  # the Ray Train run under <out>/train: its checkpoints are the select stage's candidates
 logger = logging.getLogger("recipe")
 
 
@@ -67,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the shipped compound run used outputs/effects/backbone of a single-world run")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
+    p.add_argument("--backbone", default="",
+                   help="use this pretrained frozen backbone as it is (no pretrain stage), e.g. "
+                        "video2lora/assets/checkpoint/backbone: how the shipped compound checkpoint is reproduced")
+    p.add_argument("--classifier", default="",
+                   help="use this trained judge as it is (no judge stage, no judge data), e.g. "
+                        "video2lora/assets/checkpoint/classifier")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
     p.add_argument("--pretrain-device", default="cpu")
     p.add_argument("--vae-minutes", type=float, default=8.0)
@@ -76,12 +91,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--table-steps", type=int, default=None,
                    help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for --world combo)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
-    p.add_argument("--train-steps", type=int, default=1000, help="end-to-end hypernetwork steps (global batch 8)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for --world combo)")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between saved checkpoints; each is a candidate of the select stage")
     p.add_argument("--train-lr", type=float, default=1e-4)
-    p.add_argument("--baseline-steps", type=int, default=500)
+    p.add_argument("--baseline-steps", type=int, default=4000,
+                   help="per-effect LoRAs: at most this many steps; each effect stops on its own validation loss")
     p.add_argument("--baseline-rank", type=int, default=4)
-    p.add_argument("--eval-seed", type=int, default=7)
-    p.add_argument("--refs-per-effect", type=int, default=4)
+    p.add_argument("--val-seed", type=int, default=101,
+                   help="select: candidate checkpoints are compared on references and prompts of this seed")
+    p.add_argument("--test-seed", "--eval-seed", dest="test_seed", type=int, default=202,
+                   help="evaluate: the reported table, on a seed no choice was made on")
+    p.add_argument("--refs-per-effect", type=int, default=8)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a shared 2-core machine OpenMP spinning costs more than it gives)")
     p.add_argument("--ship", action="store_true", help="copy checkpoint + backbone + judge + baselines into video2lora/assets")
@@ -106,6 +128,8 @@ def stage_data(a, paths) -> None:
     effects, labels, _ = world_labels(a)
     run([py, "jobs/make_effects.py", "--out", paths["data"], "--seed", "0", "--clips-per-effect",
          str(a.clips_per_effect), "--effects", effects])
+    if a.classifier:  # a trained judge is given: it needs no clips
+        return
     run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect",
          str(a.judge_clips), "--effects", labels])
     run([py, "jobs/make_effects.py", "--out", paths["judge_test"], "--seed", "2", "--clips-per-effect",
@@ -154,13 +178,20 @@ def stage_warmstart(a, paths) -> None:
         env=_env())
 
 
+def train_steps(a) -> int:
+    return a.train_steps if a.train_steps is not None else (2000 if a.world == "combo" else 1000)
+
+
 def stage_train(a, paths) -> None:
+    steps = train_steps(a)
     run([sys.executable, "jobs/train.py", "--ray-address", "local", "--manifest",
          os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--storage-path",
-         paths["train"], "--prepared", prepared_dir(paths), "--output", paths["checkpoint"],
-         "--init-checkpoint", paths["warmstart"], "--num-workers", "2", "--max-steps", str(a.train_steps),
+         paths["train"], "--name", RUN_NAME, "--prepared", prepared_dir(paths), "--output", paths["final"],
+         "--init-checkpoint", paths["warmstart"], "--num-workers", "2", "--max-steps", str(steps),
          "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
-         "--checkpoint-every", "250", "--log-every", "50",
+         # every checkpoint is kept: the select stage compares them on the validation seed
+         "--checkpoint-every", str(a.checkpoint_every), "--keep-checkpoints", str(-(-steps // a.checkpoint_every)),
+         "--log-every", "50",
          # a 2-CPU machine: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
          "--cpus-per-worker", "0.25", "--data-cpus", "0.1"], env=_env())
 
@@ -186,6 +217,7 @@ def stage_baselines(a, paths) -> None:
 
     from video2lora.backbones import Backbone
     from video2lora.effects.baselines import train_per_effect_loras
+    from video2lora.effects.world import resolve_effects
     from video2lora.hypernet import Video2LoRAModel
     from video2lora.training import PreparedData
 
@@ -193,22 +225,80 @@ def stage_baselines(a, paths) -> None:
     data = PreparedData.load(prepared_dir(paths), split="all")
     backbone = Backbone.from_pretrained(paths["backbone"], device="cpu")
     targets = backbone.lora_targets  # the layers the hypernetwork adapts (its checkpoint says which, if there)
-    if os.path.exists(os.path.join(paths["checkpoint"], "config.json")):
-        targets = Video2LoRAModel.from_pretrained(paths["checkpoint"]).config.lora.target_modules
-    from video2lora.effects.world import resolve_effects
-
+    if os.path.exists(os.path.join(paths["final"], "config.json")):
+        targets = Video2LoRAModel.from_pretrained(paths["final"]).config.lora.target_modules
     effects = resolve_effects(world_labels(a)[2])  # the evaluated ones (all 14 single effects; 14 of 42 compounds)
-    model, history = train_per_effect_loras(backbone, data, effects=effects, target_modules=targets, rank=a.baseline_rank,
-                                            steps=a.baseline_steps, batch_size=14, seed=0)
+    # each effect its own budget: trained until its loss on clips held out of its training stops falling
+    model, report = train_per_effect_loras(backbone, data, effects=effects, target_modules=targets,
+                                           rank=a.baseline_rank, steps=a.baseline_steps, batch_size=14, seed=0,
+                                           early_stopping=True)
     os.makedirs(os.path.dirname(paths["baselines"]), exist_ok=True)
     model.save(paths["baselines"])
     with open(paths["baselines"] + ".json", "w") as f:
-        json.dump({"rank": a.baseline_rank, "steps": a.baseline_steps, "history": history}, f, indent=2)
+        json.dump({"rank": a.baseline_rank, "max_steps": a.baseline_steps, **report}, f, indent=2)
+
+
+def candidates(paths) -> list[tuple[int, str]]:
+    """(step, model dir) of every checkpoint the train stage kept, oldest first."""
+    root = os.path.join(paths["train"], RUN_NAME)
+    found = []
+    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        model = os.path.join(root, d, "model")
+        if d.startswith("checkpoint-") and os.path.exists(os.path.join(model, "config.json")):
+            found.append((int(d.split("-")[1]), model))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {root}: run the train stage first")
+    return found
+
+
+def selection_score(cells: dict) -> float:
+    """What the select stage maximises: effect accuracy, seen and held-out weighted alike."""
+    return (cells["video2lora/seen"]["effect_accuracy"] + cells["video2lora/held-out"]["effect_accuracy"]) / 2
+
+
+def stage_select(a, paths) -> None:
+    """Every kept checkpoint on the validation seed; the best by `selection_score` (ties: fewer steps) becomes
+    the run's checkpoint. The test seed is not looked at here."""
+    rows, best = [], None
+    for step, model in candidates(paths):
+        out = os.path.join(paths["select"], f"step-{step}")
+        if not os.path.exists(os.path.join(out, "results.json")):
+            run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
+                 "--classifier", paths["classifier"], "--seed", str(a.val_seed), "--refs-per-effect",
+                 str(a.refs_per_effect), "--no-per-effect", "--output", out, "--threads", str(a.threads),
+                 "--effects", world_labels(a)[2]])
+        with open(os.path.join(out, "results.json")) as f:
+            cells = json.load(f)["table"]
+        rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
+        if best is None or rows[-1]["score"] > best["score"]:
+            best = rows[-1]
+    if os.path.exists(paths["checkpoint"]):
+        shutil.rmtree(paths["checkpoint"])
+    shutil.copytree(best["model"], paths["checkpoint"])
+
+    def cell(c, key):
+        return f"{c[key]:.2f} ± {c[key + '_se']:.2f}"
+    lines = [f"Validation seed {a.val_seed} ({a.refs_per_effect} references per effect): every kept checkpoint; "
+             f"chosen: step {best['step']} (highest mean of seen and held-out effect accuracy)", "",
+             "| checkpoint | effect acc. seen | held-out | content fidelity seen | held-out |", "|---|---|---|---|---|"]
+    no_lora = rows[0]["table"]
+    for r in rows + [{"step": None, "table": no_lora}]:
+        m = "video2lora" if r["step"] is not None else "no_lora"
+        name = f"step {r['step']}" + (" (chosen)" if r is best else "") if r["step"] is not None else "no LoRA"
+        t = r["table"]
+        lines.append(f"| {name} | {cell(t[m + '/seen'], 'effect_accuracy')} | {cell(t[m + '/held-out'], 'effect_accuracy')}"
+                     f" | {cell(t[m + '/seen'], 'content_fidelity')} | {cell(t[m + '/held-out'], 'content_fidelity')} |")
+    with open(os.path.join(paths["select"], "selection.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(paths["select"], "selection.json"), "w") as f:
+        json.dump({"val_seed": a.val_seed, "chosen_step": best["step"],
+                   "candidates": [{k: r[k] for k in ("step", "score", "table")} for r in rows]}, f, indent=2)
+    print("\n".join(lines), flush=True)
 
 
 def stage_evaluate(a, paths) -> None:
     run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
-         "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.eval_seed),
+         "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.test_seed),
          "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads),
          "--effects", world_labels(a)[2]])
 
@@ -219,26 +309,32 @@ DONE = {
     "judge": lambda p: os.path.exists(os.path.join(p["classifier"], "report.json")),
     "prepare": lambda p: has_preparation(p),
     "warmstart": lambda p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
-    "train": lambda p: os.path.exists(os.path.join(p["checkpoint"], "config.json")),
+    "train": lambda p: os.path.exists(os.path.join(p["final"], "config.json")),
     "baselines": lambda p: os.path.exists(p["baselines"]),
+    "select": lambda p: os.path.exists(os.path.join(p["select"], "selection.json")),
     "evaluate": lambda p: os.path.exists(os.path.join(p["evaluate"], "table.md")),
 }
 
 
 def ship(paths) -> None:
-    """Copy the trained artifact, its frozen backbone, the judge and the baselines into video2lora/assets."""
+    """Copy the trained artifact, its frozen backbone, the judge and the baselines into video2lora/assets. Built
+    beside the old assets and swapped in at the end: a given --backbone / --classifier may be the shipped one."""
     dst = os.path.join(ROOT, "video2lora", "assets", "checkpoint")
+    new = dst + ".new"
+    if os.path.exists(new):
+        shutil.rmtree(new)
+    os.makedirs(new)
+    for name in ("config.json", "video2lora.safetensors"):
+        shutil.copy(os.path.join(paths["checkpoint"], name), new)
+    shutil.copytree(paths["backbone"], os.path.join(new, "backbone"))
+    os.makedirs(os.path.join(new, "classifier"))
+    for name in ("config.json", "model.safetensors", "report.json"):
+        shutil.copy(os.path.join(paths["classifier"], name), os.path.join(new, "classifier"))
+    os.makedirs(os.path.join(new, "baselines"))
+    shutil.copy(paths["baselines"], os.path.join(new, "baselines"))
     if os.path.exists(dst):
         shutil.rmtree(dst)
-    os.makedirs(dst)
-    for name in ("config.json", "video2lora.safetensors"):
-        shutil.copy(os.path.join(paths["checkpoint"], name), dst)
-    shutil.copytree(paths["backbone"], os.path.join(dst, "backbone"))
-    os.makedirs(os.path.join(dst, "classifier"))
-    for name in ("config.json", "model.safetensors", "report.json"):
-        shutil.copy(os.path.join(paths["classifier"], name), os.path.join(dst, "classifier"))
-    os.makedirs(os.path.join(dst, "baselines"))
-    shutil.copy(paths["baselines"], os.path.join(dst, "baselines"))
+    os.replace(new, dst)
     print(f"shipped into {dst}")
 
 
@@ -250,13 +346,27 @@ def main(argv=None) -> int:
     out = os.path.abspath(a.out or ("outputs/combo" if a.world == "combo" else "outputs/effects"))
     paths = {"data": f"{out}/data", "judge_train": f"{out}/classifier-data", "judge_test": f"{out}/classifier-test",
              "backbone": f"{out}/backbone", "classifier": f"{out}/classifier", "train": f"{out}/train",
-             "checkpoint": f"{out}/checkpoint", "warmstart": f"{out}/warmstart", "baselines": f"{out}/baselines/per_effect_loras.safetensors",
+             "checkpoint": f"{out}/checkpoint", "final": f"{out}/train/final", "warmstart": f"{out}/warmstart",
+             "baselines": f"{out}/baselines/per_effect_loras.safetensors", "select": f"{out}/select",
              "evaluate": f"{out}/evaluate"}
+    if a.backbone:  # given: used as it is, never rewritten (the pretrain stage is skipped below)
+        paths["backbone"] = os.path.abspath(a.backbone)
+    if a.classifier:
+        paths["classifier"] = os.path.abspath(a.classifier)
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(STAGES)
     unknown = [s for s in only if s not in STAGES]
     if unknown:
         print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
         return 2
+    if a.backbone and a.init_backbone:
+        print("error: --backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other",
+              file=sys.stderr)
+        return 2
+    for flag, given, marker in (("--backbone", a.backbone, "model_index.json"),
+                                ("--classifier", a.classifier, "config.json")):
+        if given and not os.path.exists(os.path.join(given, marker)):
+            print(f"error: {flag} {given}: no {marker} there", file=sys.stderr)
+            return 2
     if a.init_backbone and os.path.abspath(a.init_backbone) == paths["backbone"]:
         print(f"error: --init-backbone {a.init_backbone} is this run's own backbone (--out {out}): the pretrain stage "
               "would skip or overwrite its own starting point; give a run of another --out", file=sys.stderr)
@@ -268,9 +378,14 @@ def main(argv=None) -> int:
         if world != a.world:
             print(f"error: {out} holds a --world {world} run; give another --out for --world {a.world}", file=sys.stderr)
             return 2
+    os.makedirs(out, exist_ok=True)
     timings, start = {}, time.perf_counter()
     for k, name in enumerate(STAGES):
         if name not in only:
+            continue
+        if (name == "pretrain" and a.backbone) or (name == "judge" and a.classifier):
+            print(f"== [{k + 1}/{len(STAGES)}] {name}: given ({a.backbone if name == 'pretrain' else a.classifier})",
+                  flush=True)
             continue
         if DONE[name](paths) and not a.force:
             print(f"== [{k + 1}/{len(STAGES)}] {name}: done earlier, skipped", flush=True)
@@ -282,7 +397,7 @@ def main(argv=None) -> int:
         print(f"== {name} finished in {timings[name] / 60:.1f} min", flush=True)
     total = time.perf_counter() - start
     with open(os.path.join(out, "recipe.json"), "w") as f:
-        json.dump({"stage_seconds": timings, "total_seconds": total, "args": vars(a)}, f, indent=2)
+        json.dump({"stage_seconds": timings, "total_seconds": total, "args": vars(a), "paths": paths}, f, indent=2)
     print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) +
           f"; total {total / 60:.1f} min")
     if os.path.exists(os.path.join(paths["evaluate"], "table.md")):

@@ -26,7 +26,8 @@ def paths_for(tmp_path):
     out = str(tmp_path)
     return {"data": f"{out}/data", "judge_train": f"{out}/cd", "judge_test": f"{out}/ct", "backbone": f"{out}/backbone",
             "classifier": f"{out}/classifier", "train": f"{out}/train", "checkpoint": f"{out}/checkpoint",
-            "warmstart": f"{out}/warmstart", "baselines": f"{out}/b.safetensors", "evaluate": f"{out}/evaluate"}
+            "final": f"{out}/train/final", "warmstart": f"{out}/warmstart", "baselines": f"{out}/b.safetensors",
+            "select": f"{out}/select", "evaluate": f"{out}/evaluate"}
 
 
 def arg(cmd, name):
@@ -36,15 +37,19 @@ def arg(cmd, name):
 def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands, tmp_path):
     a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
     p = paths_for(tmp_path)
-    for stage in ("data", "pretrain", "warmstart", "evaluate"):
+    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
         getattr(recipe, f"stage_{stage}")(a, p)
-    data, judge_train, judge_test, pretrain, warm, evaluate = commands
+    data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
     assert arg(data, "--effects") == "combo" and arg(judge_train, "--effects") == "combo-world"
     assert arg(pretrain, "--init") == "/fx/backbone" and arg(pretrain, "--vae-steps") == "0"
     assert arg(pretrain, "--effects") == "combo-world"
     assert "--factorise" in warm and json.loads(arg(warm, "--model-config"))["lora"]["rank"] == 2
     assert arg(warm, "--table-steps") == "2000"
     assert arg(evaluate, "--effects") == "combo-eval"
+    # one end-to-end run of 2000 steps (the shipped checkpoint's budget), every checkpoint kept for the select stage
+    assert arg(train, "--max-steps") == "2000" and arg(train, "--checkpoint-every") == "500"
+    assert arg(train, "--keep-checkpoints") == "4" and arg(train, "--output") == p["final"]
+    assert arg(evaluate, "--seed") == "202" and arg(evaluate, "--refs-per-effect") == "8"  # the test seed
     commands.clear()  # without --init-backbone: the whole backbone from scratch, on every label of the world
     recipe.stage_pretrain(recipe.parse_args(["--world", "combo", "--out", str(tmp_path)]), p)
     assert "--init" not in commands[0] and arg(commands[0], "--effects") == "combo-world"
@@ -54,13 +59,14 @@ def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands
 def test_single_world_is_unchanged(commands, tmp_path):
     a = recipe.parse_args(["--out", str(tmp_path)])
     p = paths_for(tmp_path)
-    for stage in ("data", "pretrain", "warmstart", "evaluate"):
+    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
         getattr(recipe, f"stage_{stage}")(a, p)
-    data, judge_train, _, pretrain, warm, evaluate = commands
+    data, judge_train, _, pretrain, warm, train, evaluate = commands
     assert arg(data, "--effects") == "all" and "none" in arg(judge_train, "--effects").split(",")
     assert "--init" not in pretrain and arg(pretrain, "--vae-minutes") == "8.0"
     assert "--factorise" not in warm and "lora" not in json.loads(arg(warm, "--model-config"))
     assert arg(warm, "--table-steps") == "800" and arg(evaluate, "--effects") == "all"
+    assert arg(train, "--max-steps") == "1000" and arg(train, "--keep-checkpoints") == "2"
 
 
 def test_refuses_to_mix_worlds_or_start_from_its_own_backbone(commands, tmp_path, capsys):
@@ -72,3 +78,75 @@ def test_refuses_to_mix_worlds_or_start_from_its_own_backbone(commands, tmp_path
     assert recipe.main(["--world", "combo", "--out", str(out), "--only", "data"]) == 2
     assert "--world single run" in capsys.readouterr().err
     assert commands == []  # nothing ran
+
+
+def test_a_given_backbone_and_judge_are_used_as_they_are(commands, tmp_path, capsys):
+    backbone, judge = tmp_path / "bb", tmp_path / "judge"
+    backbone.mkdir()
+    judge.mkdir()
+    (backbone / "model_index.json").write_text("{}")
+    (judge / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    assert recipe.main(["--world", "combo", "--out", str(out), "--backbone", str(backbone), "--classifier", str(judge),
+                        "--only", "data,pretrain,judge"]) == 0
+    assert len(commands) == 1 and arg(commands[0], "--effects") == "combo"  # no judge clips: the judge is given
+    assert "pretrain: given" in capsys.readouterr().out
+    assert recipe.main(["--out", str(out), "--backbone", str(backbone), "--init-backbone", str(backbone)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert recipe.main(["--out", str(out), "--backbone", str(tmp_path)]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+    assert len(commands) == 1
+
+
+def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatch, tmp_path):
+    p = paths_for(tmp_path)
+    accuracy = {500: (0.2, 0.1), 1000: (0.4, 0.2), 1500: (0.2, 0.4), 2000: (0.3, 0.1)}  # 1000 and 1500 tie: 0.3
+    for step in accuracy:
+        model = tmp_path / "train" / recipe.RUN_NAME / f"checkpoint-{step:09d}" / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"step": step}))
+    seeds = []
+
+    def fake_evaluate(cmd, env=None):
+        seeds.append(arg(cmd, "--seed"))
+        assert "--no-per-effect" in cmd
+        step = json.loads(open(os.path.join(arg(cmd, "--checkpoint"), "config.json")).read())["step"]
+        seen, held = accuracy[step]
+        cell = lambda acc: {"effect_accuracy": acc, "effect_accuracy_se": 0.05, "content_fidelity": 0.7,  # noqa: E731
+                            "content_fidelity_se": 0.02}
+        os.makedirs(arg(cmd, "--output"))
+        with open(os.path.join(arg(cmd, "--output"), "results.json"), "w") as f:
+            json.dump({"table": {"video2lora/seen": cell(seen), "video2lora/held-out": cell(held),
+                                 "no_lora/seen": cell(0.0), "no_lora/held-out": cell(0.0)}}, f)
+
+    monkeypatch.setattr(recipe, "run", fake_evaluate)
+    recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "11", "--test-seed", "13"]), p)
+    assert seeds == ["11"] * 4  # never the test seed
+    chosen = json.loads(open(os.path.join(p["checkpoint"], "config.json")).read())
+    assert chosen == {"step": 1000}  # best mean of seen and held-out; the tie goes to fewer steps
+    report = json.loads(open(os.path.join(p["select"], "selection.json")).read())
+    assert report["chosen_step"] == 1000 and [c["step"] for c in report["candidates"]] == [500, 1000, 1500, 2000]
+    assert "step 1000 (chosen)" in open(os.path.join(p["select"], "selection.md")).read()
+
+
+def test_ship_can_reuse_the_shipped_backbone_it_replaces(monkeypatch, tmp_path):
+    root = tmp_path / "repo"
+    assets = root / "video2lora" / "assets" / "checkpoint"
+    (assets / "backbone").mkdir(parents=True)
+    (assets / "backbone" / "model_index.json").write_text("the shipped backbone")
+    (assets / "video2lora.safetensors").write_text("old")
+    run, p = tmp_path / "run", {}
+    for sub, names in (("checkpoint", ("config.json", "video2lora.safetensors")),
+                       ("classifier", ("config.json", "model.safetensors", "report.json"))):
+        (run / sub).mkdir(parents=True)
+        for n in names:
+            (run / sub / n).write_text(f"new {n}")
+        p[sub] = str(run / sub)
+    (run / "b.safetensors").write_text("baselines")
+    p.update(backbone=str(assets / "backbone"), baselines=str(run / "b.safetensors"))
+    monkeypatch.setattr(recipe, "ROOT", str(root))
+    recipe.ship(p)
+    assert (assets / "backbone" / "model_index.json").read_text() == "the shipped backbone"
+    assert (assets / "video2lora.safetensors").read_text() == "new video2lora.safetensors"
+    assert (assets / "baselines" / "b.safetensors").read_text() == "baselines"
+    assert not (assets.parent / "checkpoint.new").exists()
