@@ -303,16 +303,17 @@ def stage_evaluate(a, paths) -> None:
          "--effects", world_labels(a)[2]])
 
 
-DONE = {
-    "data": lambda p: os.path.exists(os.path.join(p["judge_test"], "clips.parquet")),
-    "pretrain": lambda p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
-    "judge": lambda p: os.path.exists(os.path.join(p["classifier"], "report.json")),
-    "prepare": lambda p: has_preparation(p),
-    "warmstart": lambda p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
-    "train": lambda p: os.path.exists(os.path.join(p["final"], "config.json")),
-    "baselines": lambda p: os.path.exists(p["baselines"]),
-    "select": lambda p: os.path.exists(os.path.join(p["select"], "selection.json")),
-    "evaluate": lambda p: os.path.exists(os.path.join(p["evaluate"], "table.md")),
+DONE = {  # (args, paths) -> whether the stage's output is already there
+    "data": lambda a, p: os.path.exists(os.path.join(p["data"], "clips.parquet")) and (
+        bool(a.classifier) or os.path.exists(os.path.join(p["judge_test"], "clips.parquet"))),
+    "pretrain": lambda a, p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
+    "judge": lambda a, p: os.path.exists(os.path.join(p["classifier"], "report.json")),
+    "prepare": lambda a, p: has_preparation(p),
+    "warmstart": lambda a, p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
+    "train": lambda a, p: os.path.exists(os.path.join(p["final"], "config.json")),
+    "baselines": lambda a, p: os.path.exists(p["baselines"]),
+    "select": lambda a, p: os.path.exists(os.path.join(p["select"], "selection.json")),
+    "evaluate": lambda a, p: os.path.exists(os.path.join(p["evaluate"], "table.md")),
 }
 
 
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
             print(f"== [{k + 1}/{len(STAGES)}] {name}: given ({a.backbone if name == 'pretrain' else a.classifier})",
                   flush=True)
             continue
-        if DONE[name](paths) and not a.force:
+        if DONE[name](a, paths) and not a.force:
             print(f"== [{k + 1}/{len(STAGES)}] {name}: done earlier, skipped", flush=True)
             continue
         print(f"== [{k + 1}/{len(STAGES)}] {name} (recipe at {(time.perf_counter() - start) / 60:.1f} min)", flush=True)

@@ -91,6 +91,11 @@ def test_a_given_backbone_and_judge_are_used_as_they_are(commands, tmp_path, cap
                         "--only", "data,pretrain,judge"]) == 0
     assert len(commands) == 1 and arg(commands[0], "--effects") == "combo"  # no judge clips: the judge is given
     assert "pretrain: given" in capsys.readouterr().out
+    (out / "data").mkdir()
+    (out / "data" / "clips.parquet").write_text("")  # the hypernetwork's clips are all the data stage makes here
+    assert recipe.main(["--world", "combo", "--out", str(out), "--backbone", str(backbone), "--classifier", str(judge),
+                        "--only", "data"]) == 0
+    assert "data: done earlier" in capsys.readouterr().out
     assert recipe.main(["--out", str(out), "--backbone", str(backbone), "--init-backbone", str(backbone)]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert recipe.main(["--out", str(out), "--backbone", str(tmp_path)]) == 2
