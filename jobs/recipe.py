@@ -397,10 +397,16 @@ def main(argv=None) -> int:
         timings[name] = time.perf_counter() - t
         print(f"== {name} finished in {timings[name] / 60:.1f} min", flush=True)
     total = time.perf_counter() - start
-    with open(os.path.join(out, "recipe.json"), "w") as f:
-        json.dump({"stage_seconds": timings, "total_seconds": total, "args": vars(a), "paths": paths}, f, indent=2)
+    earlier = {}
+    if os.path.exists(recorded):  # a resumed run keeps the wall times of the stages it skipped
+        with open(recorded) as f:
+            earlier = json.load(f).get("stage_seconds", {})
+    timings = {**earlier, **timings}
+    with open(recorded, "w") as f:
+        json.dump({"stage_seconds": timings, "total_seconds": sum(timings.values()), "args": vars(a), "paths": paths},
+                  f, indent=2)
     print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) +
-          f"; total {total / 60:.1f} min")
+          f"; this run {total / 60:.1f} min")
     if os.path.exists(os.path.join(paths["evaluate"], "table.md")):
         print(open(os.path.join(paths["evaluate"], "table.md")).read())
     if a.ship:
