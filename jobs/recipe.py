@@ -261,13 +261,19 @@ def stage_select(a, paths) -> None:
     the run's checkpoint. The test seed is not looked at here."""
     rows, best = [], None
     for step, model in candidates(paths):
-        out = os.path.join(paths["select"], f"step-{step}")
-        if not os.path.exists(os.path.join(out, "results.json")):
+        out = os.path.join(paths["select"], f"seed-{a.val_seed}", f"step-{step}")
+        done = os.path.join(out, "results.json")
+        if os.path.exists(done):  # an earlier try of this stage: reused only if it scored this very checkpoint
+            with open(done) as f:
+                earlier = json.load(f)
+            if a.force or earlier.get("checkpoint") != model or earlier.get("refs_per_effect") != a.refs_per_effect:
+                shutil.rmtree(out)
+        if not os.path.exists(done):
             run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
                  "--classifier", paths["classifier"], "--seed", str(a.val_seed), "--refs-per-effect",
                  str(a.refs_per_effect), "--no-per-effect", "--output", out, "--threads", str(a.threads),
                  "--effects", world_labels(a)[2]])
-        with open(os.path.join(out, "results.json")) as f:
+        with open(done) as f:
             cells = json.load(f)["table"]
         rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
         if best is None or rows[-1]["score"] > best["score"]:

@@ -44,19 +44,38 @@ def test_each_effect_keeps_its_best_validated_weights(tiny_backbone_dir):
             assert all(float(u[model.effects.index(e)].abs().max()) == 0 for u in model.up)
 
 
+def test_an_effects_validation_loss_does_not_depend_on_which_others_are_measured(tiny_backbone_dir):
+    """Effects stop at different times; the survivors must keep their timesteps and noise, or a new best could be
+    an artefact of the draw."""
+    from video2lora.effects.baselines import PerEffectLoRAs
+    from video2lora.lightlora import inject_lightlora
+
+    backbone = backbone_at(tiny_backbone_dir)
+    data = in_memory_data(backbone, EFFECTS + ["zoom_in"], clips_per_label=3)
+    targets = tuple(backbone.lora_targets)
+    names = inject_lightlora(backbone.transformer, targets)
+    model = PerEffectLoRAs(EFFECTS + ["zoom_in"], backbone.lora_layers(targets), rank=2, seed=0)
+    with torch.no_grad():
+        for u in model.up:
+            u.normal_(std=0.05)  # a LoRA that does something
+    _, val = validation_split(data.effects, EFFECTS + ["zoom_in"], 0.4, seed=0)
+    every = validation_losses(backbone, data, model, names, val)
+    alone = validation_losses(backbone, data, model, names, {"invert": val["invert"]})
+    assert alone["invert"] == every["invert"]
+    assert len(set(every.values())) == 3
+
+
 def test_an_effect_that_never_improves_stops_early_and_keeps_the_bare_backbone(tiny_backbone_dir):
     backbone = backbone_at(tiny_backbone_dir)
     data = in_memory_data(backbone, EFFECTS, clips_per_label=5)
     model, report = train_per_effect_loras(backbone, data, effects=EFFECTS, rank=2, steps=200, batch_size=4, lr=0.0,
                                            seed=0, early_stopping=True, eval_every=2, patience=2)
-    assert report["steps_run"] < 200  # every effect stopped long before the ceiling
+    assert report["steps_run"] == 2 * 2  # both stopped after 2 measurements without a new best, 2 steps apart
     for e in EFFECTS:
         r = report["effects"][e]
         assert r["stopped_at"] == r["best_step"] + 2 * 2  # patience 2 measurements, every 2 steps
         assert r["best_step"] == 0 and r["best_loss"] == r["start_loss"]  # lr 0: no measurement beats the start
         assert all(float(u[model.effects.index(e)].abs().max()) == 0 for u in model.up)  # the bare backbone
-        # once stopped, an effect is neither trained nor measured again
-        assert all(h["step"] <= r["stopped_at"] for h in report["val_history"] if e in h["val_loss"])
 
 
 def test_without_early_stopping_every_clip_trains_for_every_step(tiny_backbone_dir):

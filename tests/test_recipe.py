@@ -121,7 +121,8 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
                             "content_fidelity_se": 0.02}
         os.makedirs(arg(cmd, "--output"))
         with open(os.path.join(arg(cmd, "--output"), "results.json"), "w") as f:
-            json.dump({"table": {"video2lora/seen": cell(seen), "video2lora/held-out": cell(held),
+            json.dump({"checkpoint": arg(cmd, "--checkpoint"), "refs_per_effect": int(arg(cmd, "--refs-per-effect")),
+                       "table": {"video2lora/seen": cell(seen), "video2lora/held-out": cell(held),
                                  "no_lora/seen": cell(0.0), "no_lora/held-out": cell(0.0)}}, f)
 
     monkeypatch.setattr(recipe, "run", fake_evaluate)
@@ -132,6 +133,13 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
     report = json.loads(open(os.path.join(p["select"], "selection.json")).read())
     assert report["chosen_step"] == 1000 and [c["step"] for c in report["candidates"]] == [500, 1000, 1500, 2000]
     assert "step 1000 (chosen)" in open(os.path.join(p["select"], "selection.md")).read()
+    # a rerun reuses what scored these very checkpoints; another validation seed or --force scores them again
+    recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "11"]), p)
+    assert seeds == ["11"] * 4
+    recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12"]), p)
+    assert seeds == ["11"] * 4 + ["12"] * 4
+    recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12", "--force"]), p)
+    assert seeds == ["11"] * 4 + ["12"] * 8
 
 
 def test_ship_can_reuse_the_shipped_backbone_it_replaces(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 
 import torch
 
@@ -98,22 +99,23 @@ def validation_split(effects_of_rows: list[str], effects: list[str], fraction: f
 @torch.no_grad()
 def validation_losses(backbone, data, model, names, val: dict[str, list[int]], draws: int = 2, batch_size: int = 16,
                       seed: int = 1234) -> dict[str, float]:
-    """Per effect, the diffusion loss of its validation clips under its own LoRA, with the same timesteps and noise
-    at every call (so two calls differ only by the LoRAs)."""
-    items = [(e, i) for e in sorted(val) for i in val[e] for _ in range(draws)]
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {e: 0.0 for e in val}
-    for k in range(0, len(items), batch_size):
-        chunk = items[k : k + batch_size]
-        ex = [data.example(i) for _, i in chunk]
-        latents = torch.stack([x["latents"] for x in ex]).to(backbone.device)
-        embeds = torch.stack([x["prompt_embeds"] for x in ex]).to(backbone.device)
-        with per_sample_loras(backbone.transformer, names, model.loras(model.index([e for e, _ in chunk])),
-                              torch.ones(len(chunk))):
-            loss = backbone.training_loss(latents, embeds, generator=g)
-        for (e, _), l in zip(chunk, loss.tolist()):
-            sums[e] += l
-    return {e: sums[e] / (len(val[e]) * draws) for e in val}
+    """Per effect, the diffusion loss of its validation clips under its own LoRA. Each effect draws its timesteps and
+    noise from its own seeded generator, so they are the same at every call whichever other effects are measured:
+    two calls differ only by the LoRAs."""
+    out = {}
+    for e in sorted(val):
+        g = torch.Generator().manual_seed(seed + zlib.crc32(e.encode()))
+        items = [i for i in val[e] for _ in range(draws)]
+        total = 0.0
+        for k in range(0, len(items), batch_size):
+            ex = [data.example(i) for i in items[k : k + batch_size]]
+            latents = torch.stack([x["latents"] for x in ex]).to(backbone.device)
+            embeds = torch.stack([x["prompt_embeds"] for x in ex]).to(backbone.device)
+            with per_sample_loras(backbone.transformer, names, model.loras(model.index([e] * len(ex))),
+                                  torch.ones(len(ex))):
+                total += float(backbone.training_loss(latents, embeds, generator=g).sum())
+        out[e] = total / len(items)
+    return out
 
 
 def train_per_effect_loras(backbone, data, effects: list[str] | None = None, target_modules=None, rank: int = 4,
@@ -149,10 +151,11 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
     state: dict[str, dict] = {}
     if val:
         start_losses = validation_losses(backbone, data, model, names, val)
-        state = {e: {"best_loss": l, "start_loss": l, "best_step": 0, "bad": 0, "stopped_at": None,
+        state = {e: {"best_loss": l, "start_loss": l, "best_step": 0, "best_samples": 0, "bad": 0, "stopped_at": None,
                      "best": [(d[k].detach().clone(), u[k].detach().clone()) for d, u in zip(model.down, model.up)
                               for k in [model.effects.index(e)]]} for e, l in start_losses.items()}
     history, val_history, start, step = [], [], time.perf_counter(), 0
+    samples = dict.fromkeys(effects, 0)  # clips each effect has trained on (a batch is shared by the active ones)
     for step in range(1, steps + 1):
         rows = [i for i in train_rows if row_effects[i] in active]
         pick = [rows[int(i)] for i in torch.randint(0, len(rows), (batch_size,), generator=g)]
@@ -160,6 +163,8 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
         latents = torch.stack([e["latents"] for e in ex]).to(backbone.device)
         embeds = torch.stack([e["prompt_embeds"] for e in ex])
         embeds, _ = drop_prompts(embeds, data.empty_prompt, prompt_dropout, g)
+        for i in pick:
+            samples[row_effects[i]] += 1
         idx = model.index([row_effects[i] for i in pick])
         loras = model.loras(idx)
         with per_sample_loras(backbone.transformer, names, loras, torch.ones(batch_size)):
@@ -178,7 +183,7 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
                 s = state[e]
                 if l < s["best_loss"]:
                     k = model.effects.index(e)
-                    s.update(best_loss=l, best_step=step, bad=0,
+                    s.update(best_loss=l, best_step=step, best_samples=samples[e], bad=0,
                              best=[(d[k].detach().clone(), u[k].detach().clone()) for d, u in zip(model.down, model.up)])
                 else:
                     s["bad"] += 1
@@ -202,5 +207,6 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
                 u[k].copy_(bu)
     report = {"history": history, "val_history": val_history, "steps_run": step, "val_fraction": val_fraction, "eval_every": eval_every,
               "patience": patience, "effects": {e: {k: s[k] for k in ("start_loss", "best_loss", "best_step",
-                                                                       "stopped_at")} for e, s in state.items()}}
+                                                                       "best_samples", "stopped_at")}
+                                                      for e, s in state.items()}}
     return model.eval().requires_grad_(False), report

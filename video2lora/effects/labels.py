@@ -50,16 +50,76 @@ COMBO_EVAL_SEEN: tuple[str, ...] = ("spin+pixelate", "zoom_in+fade_out", "zoom_o
 COMBO_WORLD: list[str] = ALL_LABELS + COMBOS
 
 
+# Effect families with a continuous parameter, written "family@value" ("slide@45"): held-out effects can then be
+# new points of a space the hypernetwork learned. Several named effects are points of these families (rendered
+# bit for bit the same way): spin = spin@270, zoom_in = zoom@2.2, zoom_out = zoom@0.3333, slide_left = slide@180,
+# slide_right = slide@0, fade_out = fade@1.
+#: family -> (what the value is, lowest, highest)
+MOTION_FAMILIES: dict[str, tuple[str, float, float]] = {
+    "spin": ("degrees the view turns over the clip, counter-clockwise", -360.0, 360.0),
+    "zoom": ("magnification of the view at the end (below 1: zooms out)", 0.25, 3.0),
+    "slide": ("direction the shape travels, degrees (0 = right, 90 = up)", 0.0, 360.0),
+    "wave": ("amplitude of a growing horizontal ripple of the view, in frame half-widths", 0.0, 0.3),
+}
+LOOK_FAMILIES: dict[str, tuple[str, float, float]] = {
+    "hue": ("degrees the shape's hue turns over the clip", -360.0, 360.0),
+    "fade": ("how much darker the last frame is (1: black)", 0.0, 1.0),
+    "blur": ("blur of the last frame, Gaussian sigma in pixels of a 32-pixel frame", 0.0, 4.0),
+}
+#: named effects that are points of a family: name -> (family, value)
+FAMILY_POINTS: dict[str, tuple[str, float]] = {
+    "spin": ("spin", 270.0), "zoom_in": ("zoom", 2.2), "zoom_out": ("zoom", 1.0 / 3.0), "slide_left": ("slide", 180.0),
+    "slide_right": ("slide", 0.0), "fade_out": ("fade", 1.0),
+}
+
+
+def family_point(part: str) -> tuple[str, float] | None:
+    """(family, value) of one part ("slide@45" -> (slide, 45.0); "slide_left" -> (slide, 180.0)), None for a named
+    effect that is no point of a family ("invert"). Raises ValueError naming the part if it is malformed."""
+    if part in FAMILY_POINTS:
+        return FAMILY_POINTS[part]
+    if "@" not in part:
+        return None
+    family, _, value = part.partition("@")
+    bounds = {**MOTION_FAMILIES, **LOOK_FAMILIES}.get(family)
+    if bounds is None:
+        raise ValueError(f"effect part {part!r}: unknown family {family!r}; families: "
+                         f"{sorted(MOTION_FAMILIES) + sorted(LOOK_FAMILIES)}")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"effect part {part!r}: {value!r} is not a number") from None
+    if not bounds[1] <= v <= bounds[2]:
+        raise ValueError(f"effect part {part!r}: {family} takes {bounds[0]} from {bounds[1]:g} to {bounds[2]:g}")
+    return family, v
+
+
+def _is_motion(part: str) -> bool:
+    return part in MOTIONS or part == "burst" or (
+        "@" in part and family_point(part) is not None and family_point(part)[0] in MOTION_FAMILIES)
+
+
+def _is_look(part: str) -> bool:
+    return part in LOOKS or ("@" in part and family_point(part) is not None and family_point(part)[0] in LOOK_FAMILIES)
+
+
 def effect_parts(effect: str) -> frozenset[str]:
     """The single effects a label is made of: ``"spin+invert"`` -> {spin, invert}; ``"none"`` -> {}.
 
-    A compound is one motion of MOTIONS and one look of LOOKS."""
+    A compound is one motion (of MOTIONS or a motion family, "slide@45") and one look (of LOOKS or a look family,
+    "hue@90"); a family point alone ("zoom@1.5") is a single effect."""
     if effect in ALL_LABELS:
         return frozenset() if effect == NONE else frozenset([effect])
     parts = effect.split("+")
-    if len(parts) != 2 or parts[0] not in MOTIONS or parts[1] not in LOOKS:
-        raise ValueError(f"unknown effect {effect!r}; known: {ALL_LABELS} or 'motion+look' with motion in "
-                         f"{list(MOTIONS)} and look in {list(LOOKS)}")
+    try:
+        ok = (len(parts) == 1 and "@" in parts[0] and family_point(parts[0]) is not None) or (
+            len(parts) == 2 and _is_motion(parts[0]) and _is_look(parts[1]))
+    except ValueError as e:
+        raise ValueError(f"effect {effect!r}: {e}") from None
+    if not ok:
+        raise ValueError(f"unknown effect {effect!r}; known: {ALL_LABELS}, 'motion+look' with motion in "
+                         f"{list(MOTIONS)} and look in {list(LOOKS)}, or family points 'family@value' of "
+                         f"{sorted(MOTION_FAMILIES)} (motions) and {sorted(LOOK_FAMILIES)} (looks)")
     return frozenset(parts)
 
 
@@ -67,7 +127,7 @@ def effect_factors(effect: str) -> tuple[str, str]:
     """(motion, look) of a label, "none" where it has none: "spin+invert" -> (spin, invert), "invert" -> (none,
     invert), "burst" -> (burst, none)."""
     parts = effect_parts(effect)
-    look = next((e for e in parts if e in LOOKS), NONE)
+    look = next((e for e in parts if _is_look(e)), NONE)
     motion = next((e for e in parts if e != look), NONE)
     return motion, look
 

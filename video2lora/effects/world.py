@@ -33,7 +33,8 @@ import numpy as np
 
 from .labels import (  # noqa: F401 - re-exported: `world` is the one name callers need
     ALL_LABELS, COMBO_EVAL_SEEN, COMBO_HELDOUT, COMBO_TRAIN, COMBO_WORLD, COMBOS, EFFECTS, HELDOUT_EFFECTS, LOOKS,
-    MOTIONS, NONE, TRAIN_EFFECTS, effect_factors, effect_parts, effect_slug, effect_split, resolve_effects,
+    LOOK_FAMILIES, MOTION_FAMILIES, MOTIONS, NONE, TRAIN_EFFECTS, effect_factors, effect_parts, effect_slug,
+    effect_split, family_point, resolve_effects,
 )
 
 __all__ = [
@@ -179,9 +180,15 @@ def _background(name: str, y: np.ndarray) -> np.ndarray:
     return top * (1.0 - w) + bottom * w
 
 
-def _hsv_shift(rgb: Sequence[float], dh: float) -> tuple[float, float, float]:
+def _hsv_shift(rgb: Sequence[float], dh: float, vivid: float = 1.0) -> tuple[float, float, float]:
+    """Turn the hue by dh (turns); `vivid` (0-1) lifts saturation and value towards 0.85, so that a white or grey
+    shape shows the turn too (colour_cycle: fully)."""
     h, s, v = colorsys.rgb_to_hsv(*rgb)
-    return colorsys.hsv_to_rgb((h + dh) % 1.0, max(s, 0.85), max(v, 0.85))
+    if vivid >= 1.0:
+        s, v = max(s, 0.85), max(v, 0.85)
+    else:
+        s, v = s + vivid * (max(s, 0.85) - s), v + vivid * (max(v, 0.85) - v)
+    return colorsys.hsv_to_rgb((h + dh) % 1.0, s, v)
 
 
 def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
@@ -213,6 +220,7 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     """
     effect = NONE if effect is None else effect
     parts = effect_parts(effect)
+    family = dict(p for p in map(family_point, parts) if p is not None)  # {"slide": 45.0, "hue": 90.0}
     F, H = int(num_frames), int(size)
     W = H
     if F < 2 or H < 8:
@@ -230,12 +238,13 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     M = np.tile(np.eye(2, dtype=np.float32), (F, 1, 1))
     pivot = np.zeros((F, 2), np.float32)
     shift = np.zeros((F, 2), np.float32)
-    if "spin" in parts:
-        th = p * 1.5 * np.pi  # 270 degrees, counter-clockwise on screen
+    if "spin" in family:  # counter-clockwise on screen (spin = 270 degrees)
+        th = p * float(np.deg2rad(family["spin"]))
         cs, sn = np.cos(th), np.sin(th)
         M = np.stack([np.stack([cs, -sn], -1), np.stack([sn, cs], -1)], -2).astype(np.float32)
-    elif "zoom_in" in parts or "zoom_out" in parts:
-        mag = 1.0 + 1.2 * p if "zoom_in" in parts else 1.0 / (1.0 + 2.0 * p)
+    elif "zoom" in family:  # magnification 1 -> m about the shape: zoom_in 1 + 1.2 p, zoom_out 1 / (1 + 2 p)
+        m = family["zoom"]
+        mag = 1.0 + (round(m, 12) - 1.0) * p if m >= 1 else 1.0 / (1.0 + (round(1.0 / m, 12) - 1.0) * p)
         M = M / mag[:, None, None]
         pivot[:] = c
     elif "shake" in parts:
@@ -250,20 +259,24 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     sx = M[:, 0, 0, None, None] * rel_x + M[:, 0, 1, None, None] * rel_y + pivot[:, 0, None, None] + shift[:, 0, None, None]
     sy = M[:, 1, 0, None, None] * rel_x + M[:, 1, 1, None, None] * rel_y + pivot[:, 1, None, None] + shift[:, 1, None, None]
     px = (2.0 / H) * np.sqrt(np.abs(np.linalg.det(M)))  # (F,) pixel footprint in source units
+    if "wave" in family:  # rows of the view ripple sideways, more and more (the footprint barely changes)
+        sx = sx + (family["wave"] * p)[:, None, None] * np.sin(3.0 * np.pi * gy + 2.0 * np.pi * p[:, None, None])
 
     # ---- object: position / scale of the shape in source coords
     obj_dx = np.zeros(F, np.float32)
+    obj_dy = np.zeros(F, np.float32)
     obj_scale = np.ones(F, np.float32)
     obj_alpha = np.ones(F, np.float32)
-    if "slide_left" in parts:
-        obj_dx = 0.55 - 1.1 * p
-    elif "slide_right" in parts:
-        obj_dx = -0.55 + 1.1 * p
+    if "slide" in family:  # 1.1 along the direction, centred on the scene's position (slide_left = 180 degrees)
+        a = np.deg2rad(family["slide"])
+        ux, uy = round(float(np.cos(a)), 12), -round(float(np.sin(a)), 12)  # y points down; exact at right angles
+        travel = -0.55 + 1.1 * p
+        obj_dx, obj_dy = ux * travel, uy * travel
     elif "burst" in parts:
         obj_scale = 1.0 + 0.7 * p
         obj_alpha = 1.0 - p
     ox = sx - (c[0] + obj_dx)[:, None, None]
-    oy = sy - c[1]
+    oy = sy - (c[1] + obj_dy)[:, None, None]
     ca, sa = np.cos(scene.angle), np.sin(scene.angle)
     rad = scene.radius * obj_scale[:, None, None]
     qx = (ca * ox + sa * oy) / rad
@@ -301,6 +314,10 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     if "colour_cycle" in parts:
         for i in range(1, F):
             col[i] = _hsv_shift(base, i / F)
+    elif "hue" in family:  # the hue turns by the value over the clip (colour_cycle: 360 (F - 1) / F degrees)
+        vivid = min(1.0, abs(family["hue"]) / 90.0)  # continuous in the value: hue@0 is no effect
+        for i in range(1, F):
+            col[i] = _hsv_shift(base, family["hue"] / 360.0 * float(p[i]), vivid)
 
     # ---- composite (F, H, W, 3) in [0, 1]
     bg = _background(scene.background, sy)
@@ -310,17 +327,17 @@ def render_clip(scene: Scene, effect: str | None, num_frames: int = 9, size: int
     # ---- frame operations
     if "flicker" in parts:
         img[1::2] *= 0.22
-    elif "fade_out" in parts:
-        img *= (1.0 - p)[:, None, None, None]
+    elif "fade" in family:  # fade_out = fade@1: black at the end
+        img *= (1.0 - family["fade"] * p)[:, None, None, None]
     elif "invert" in parts:
         img[F // 2 :] = 1.0 - img[F // 2 :]
     elif "pixelate" in parts:
         bmax = max(2, H // 4)
         B = np.stack([_block_matrix(H, int(round(1 + pi * (bmax - 1)))) for pi in p])[:, None]
         img = B @ img @ B.transpose(0, 1, 3, 2)  # separable block average, (F, 3, H, W)
-    elif "blur_in" in parts:
-        smax = H / 8.0
-        G = np.stack([_gauss_matrix(H, float((1.0 - pi) * smax)) for pi in p])[:, None]
+    elif "blur_in" in parts or "blur" in family:  # blur_in: from sigma H/8 to sharp; blur@s: from sharp to s
+        sigma = (1.0 - p) * (H / 8.0) if "blur_in" in parts else p * family["blur"] * H / 32.0
+        G = np.stack([_gauss_matrix(H, float(si)) for si in sigma])[:, None]
         img = G @ img @ G.transpose(0, 1, 3, 2)  # separable Gaussian blur
 
     out = np.clip(img, 0.0, 1.0) * 2.0 - 1.0
