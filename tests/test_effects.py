@@ -269,6 +269,7 @@ def test_family_labels_parse_and_name_what_is_wrong():
     assert fx.effect_factors("wave@0.2+invert") == ("wave@0.2", "invert")
     assert fx.effect_factors("blur@2") == ("none", "blur@2")
     assert fx.resolve_effects("slide@45+hue@90, zoom@1.5") == ["slide@45+hue@90", "zoom@1.5"]
+    assert fx.effect_slug("slide@45+hue@-90") == "slide_45-hue_-90"
     for bad, says in (("twirl@3", "unknown family 'twirl'"), ("zoom@9", "zoom takes"), ("slide@left", "not a number"),
                       ("hue@90+slide@45", "unknown effect"), ("slide@45+zoom@2", "unknown effect")):
         with pytest.raises(ValueError, match=says):

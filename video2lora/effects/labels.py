@@ -158,8 +158,9 @@ def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
 
 
 def effect_slug(effect: str) -> str:
-    """The label as a file / sample name ([A-Za-z0-9._-]): spin+invert -> spin-invert."""
-    return effect.replace("+", "-")
+    """The label as a file / sample name ([A-Za-z0-9._-]): spin+invert -> spin-invert, slide@45+hue@90 ->
+    slide_45-hue_90."""
+    return effect.replace("+", "-").replace("@", "_")
 
 
 def effect_split(effect: str) -> str:
