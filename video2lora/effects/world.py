@@ -12,6 +12,9 @@ effect, and must make the frozen backbone reproduce that effect on a new prompt.
 * A *compound* effect ``"motion+look"`` (``"spin+fade_out"``) applies one motion (camera or object) and one
   look (colour / frame operation) at once; held-out compounds pair parts that training saw only with other
   partners, a test of zero-shot transfer to new effects made of known parts.
+* A *family point* ``"family@value"`` (``"slide@45"``, ``"hue@120"``, alone or as ``"motion+look"``) sets an
+  effect's continuous parameter; six named effects are such points, rendered bit for bit the same way
+  (``spin`` = ``spin@270``; :data:`.labels.FAMILY_POINTS`).
 * Clips are ``float32`` arrays of shape ``(3, F, H, W)`` with pixels in ``[-1, 1]``
   (the layout of :mod:`video2lora.video_io`).
 
