@@ -5,40 +5,33 @@
     python jobs/recipe.py --out /tmp/fx --pretrain-device cuda  # the backbone pretraining on a GPU
     python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
     python jobs/recipe.py --world combo --out outputs/combo --backbone video2lora/assets/checkpoint/backbone \
-        --classifier video2lora/assets/checkpoint/classifier --ship   # the shipped checkpoint, exactly (about 85 min)
+        --classifier video2lora/assets/checkpoint/classifier --ship   # the shipped checkpoint (about 80 min)
 
-`--backbone` / `--classifier` take an already trained backbone / judge as they are (their stages are skipped).
-
-`--world combo`: the effects are compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on
-35 of the 42 and is tested on 7 it never saw, each made of a motion and a look it saw with other partners
-(video2lora.effects.world.COMBO_HELDOUT). The backbone learns every single effect and compound (57 labels), from scratch
-or continuing from a single-world backbone (`--init-backbone outputs/effects/backbone`, VAE kept: how the shipped
-one was made); the judge learns all 57 labels.
+`--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
+`--world combo`: compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on 35 of the 42,
+is tested on 7 it never saw (each made of a motion and a look it saw with other partners: COMBO_HELDOUT). The
+backbone learns all 57 labels, from scratch or from a single-world backbone (`--init-backbone`, VAE kept: how the
+shipped one was made); so does the judge.
 
 Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 
-1. data       jobs/make_effects.py: the hypernetwork's training set (train + held-out effects, seed 0), the
-              judge's training clips (seed 1) and test clips (seed 2), all mp4 + Parquet manifests;
-2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on freshly rendered captioned clips
-              of every effect (never named in a caption); saved frozen as a diffusers directory;
+1. data       jobs/make_effects.py: the hypernetwork's clips (seed 0), the judge's training (1) and test (2) clips;
+2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on captioned clips of every effect;
 3. judge      jobs/evaluate.py --train-classifier: the effect / content classifier on real clips;
 4. prepare    jobs/prepare.py (Ray Data): every training clip through the frozen VAE and text encoder, once;
 5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect, then the hypernetwork regressed onto
-              them (weight-space warm start; without it the diffusion loss alone teaches a LoRA that ignores
-              the reference - see docs/EFFECTS.md);
-6. train      jobs/train.py --init-checkpoint (Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the hypernetwork + aux
-              matrices, end to end with the diffusion loss, on the training effects only, references paired by
-              effect as in the paper;
-7. baselines  video2lora.effects.baselines: one ordinary LoRA per effect (seen and held-out), trained directly,
-              each effect until its loss on its own validation clips stops falling (its own step budget);
+              them (without this warm start the diffusion loss alone ignores the reference: docs/EFFECTS.md);
+6. train      jobs/train.py --init-checkpoint (Ray Train, ZeRO-2, 2 CPU workers): end to end with the diffusion
+              loss, on the training effects only, references paired by effect as in the paper;
+7. baselines  video2lora.effects.baselines: one ordinary LoRA per evaluated effect, each early-stopped on its
+              own validation loss;
 8. select     jobs/evaluate.py on the validation seed (--val-seed) for every checkpoint the train stage kept: the
               best (mean of seen and held-out effect accuracy) becomes <out>/checkpoint (select/selection.md);
-9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (seen / held-out
-              x video2lora / no LoRA / per-effect LoRA, every cell with its standard error) and a contact sheet per
-              effect.
+9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (three methods,
+              every cell with its standard error) and contact sheets.
 
-Progress: each stage prints its own progress lines (steps, losses, ETA); the recipe prints a banner per stage and
-the wall time of every stage at the end (also in <out>/recipe.json). Numbers of the shipped run: docs/EFFECTS.md.
+Each stage prints progress lines; the recipe prints a banner per stage and every stage's wall time (also in
+<out>/recipe.json). Numbers of the shipped run: docs/EFFECTS.md.
 """
 
 from __future__ import annotations
@@ -251,23 +244,18 @@ def candidates(paths) -> list[tuple[int, str]]:
     return found
 
 
-def selection_score(cells: dict) -> float:
-    """What the select stage maximises: effect accuracy, seen and held-out weighted alike."""
-    return (cells["video2lora/seen"]["effect_accuracy"] + cells["video2lora/held-out"]["effect_accuracy"]) / 2
-
-
 def stage_select(a, paths) -> None:
     """Every kept checkpoint on the validation seed; the best by `selection_score` (ties: fewer steps) becomes
     the run's checkpoint. The test seed is not looked at here."""
+    from video2lora.effects.evaluation import selection_markdown, selection_score
+
     rows, best = [], None
     for step, model in candidates(paths):
         out = os.path.join(paths["select"], f"seed-{a.val_seed}", f"step-{step}")
         done = os.path.join(out, "results.json")
-        if os.path.exists(done):  # an earlier try of this stage: reused only if it scored this very checkpoint
-            with open(done) as f:
-                earlier = json.load(f)
-            if a.force or earlier.get("checkpoint") != model or earlier.get("refs_per_effect") != a.refs_per_effect:
-                shutil.rmtree(out)
+        earlier = json.load(open(done)) if os.path.exists(done) else {}  # reused if it scored this very checkpoint
+        if earlier and (a.force or [earlier.get(k) for k in ("checkpoint", "refs_per_effect")] != [model, a.refs_per_effect]):
+            shutil.rmtree(out)
         if not os.path.exists(done):
             run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
                  "--classifier", paths["classifier"], "--seed", str(a.val_seed), "--refs-per-effect",
@@ -278,28 +266,15 @@ def stage_select(a, paths) -> None:
         rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
         if best is None or rows[-1]["score"] > best["score"]:
             best = rows[-1]
-    if os.path.exists(paths["checkpoint"]):
-        shutil.rmtree(paths["checkpoint"])
+    shutil.rmtree(paths["checkpoint"], ignore_errors=True)
     shutil.copytree(best["model"], paths["checkpoint"])
-
-    def cell(c, key):
-        return f"{c[key]:.2f} ± {c[key + '_se']:.2f}"
-    lines = [f"Validation seed {a.val_seed} ({a.refs_per_effect} references per effect): every kept checkpoint; "
-             f"chosen: step {best['step']} (highest mean of seen and held-out effect accuracy)", "",
-             "| checkpoint | effect acc. seen | held-out | content fidelity seen | held-out |", "|---|---|---|---|---|"]
-    no_lora = rows[0]["table"]
-    for r in rows + [{"step": None, "table": no_lora}]:
-        m = "video2lora" if r["step"] is not None else "no_lora"
-        name = f"step {r['step']}" + (" (chosen)" if r is best else "") if r["step"] is not None else "no LoRA"
-        t = r["table"]
-        lines.append(f"| {name} | {cell(t[m + '/seen'], 'effect_accuracy')} | {cell(t[m + '/held-out'], 'effect_accuracy')}"
-                     f" | {cell(t[m + '/seen'], 'content_fidelity')} | {cell(t[m + '/held-out'], 'content_fidelity')} |")
+    text = selection_markdown([(r["step"], r["table"]) for r in rows], best["step"], a.val_seed, a.refs_per_effect)
     with open(os.path.join(paths["select"], "selection.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
     with open(os.path.join(paths["select"], "selection.json"), "w") as f:
         json.dump({"val_seed": a.val_seed, "chosen_step": best["step"],
                    "candidates": [{k: r[k] for k in ("step", "score", "table")} for r in rows]}, f, indent=2)
-    print("\n".join(lines), flush=True)
+    print(text, flush=True)
 
 
 def stage_evaluate(a, paths) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_warmstart import in_memory_data
+from helpers import in_memory_data
 from video2lora.effects.baselines import train_per_effect_loras, validation_losses, validation_split
 
 EFFECTS = ["spin", "invert"]

@@ -150,6 +150,26 @@ def table(results: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), cells
 
 
+def selection_score(cells: dict) -> float:
+    """What the recipe's select stage maximises: effect accuracy, seen and held-out weighted alike."""
+    return (cells["video2lora/seen"]["effect_accuracy"] + cells["video2lora/held-out"]["effect_accuracy"]) / 2
+
+
+def selection_markdown(candidates: list[tuple[int, dict]], chosen: int, seed: int, refs_per_effect: int) -> str:
+    """The recipe's select-stage table: (step, `table` cells) per checkpoint, then no LoRA (from the first)."""
+    def cell(c, key):
+        return f"{c[key]:.2f} ± {c[key + '_se']:.2f}"
+    lines = [f"Validation seed {seed} ({refs_per_effect} references per effect): every kept checkpoint; chosen: step "
+             f"{chosen} (highest mean of seen and held-out effect accuracy)", "",
+             "| checkpoint | effect acc. seen | held-out | content fidelity seen | held-out |", "|---|---|---|---|---|"]
+    for name, method, t in [(f"step {s}" + (" (chosen)" if s == chosen else ""), "video2lora", t) for s, t in candidates] + [
+            ("no LoRA", "no_lora", candidates[0][1])]:
+        seen, held = t[f"{method}/seen"], t[f"{method}/held-out"]
+        lines.append(f"| {name} | {cell(seen, 'effect_accuracy')} | {cell(held, 'effect_accuracy')} | "
+                     f"{cell(seen, 'content_fidelity')} | {cell(held, 'content_fidelity')} |")
+    return "\n".join(lines) + "\n"
+
+
 def contact_sheets(rows: list[dict], results: list[dict], out: str, scale: int = 3) -> list[str]:
     """One PNG per effect: for each reference, a row of its frames, then one row per method's generated frames."""
     from PIL import Image, ImageDraw
