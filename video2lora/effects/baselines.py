@@ -148,16 +148,19 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
     else:
         train_rows, val = [i for i, e in enumerate(row_effects) if e in effects], {}
     active = set(effects)
+    rows = train_rows  # the training rows of the effects still training
+
+    def snapshot(e: str) -> list:
+        k = model.effects.index(e)
+        return [(d[k].detach().clone(), u[k].detach().clone()) for d, u in zip(model.down, model.up)]
     state: dict[str, dict] = {}
     if val:
         start_losses = validation_losses(backbone, data, model, names, val)
         state = {e: {"best_loss": l, "start_loss": l, "best_step": 0, "best_samples": 0, "bad": 0, "stopped_at": None,
-                     "best": [(d[k].detach().clone(), u[k].detach().clone()) for d, u in zip(model.down, model.up)
-                              for k in [model.effects.index(e)]]} for e, l in start_losses.items()}
+                     "best": snapshot(e)} for e, l in start_losses.items()}
     history, val_history, start, step = [], [], time.perf_counter(), 0
     samples = dict.fromkeys(effects, 0)  # clips each effect has trained on (a batch is shared by the active ones)
     for step in range(1, steps + 1):
-        rows = [i for i in train_rows if row_effects[i] in active]
         pick = [rows[int(i)] for i in torch.randint(0, len(rows), (batch_size,), generator=g)]
         ex = [data.example(i) for i in pick]
         latents = torch.stack([e["latents"] for e in ex]).to(backbone.device)
@@ -182,15 +185,14 @@ def train_per_effect_loras(backbone, data, effects: list[str] | None = None, tar
             for e, l in losses.items():
                 s = state[e]
                 if l < s["best_loss"]:
-                    k = model.effects.index(e)
-                    s.update(best_loss=l, best_step=step, best_samples=samples[e], bad=0,
-                             best=[(d[k].detach().clone(), u[k].detach().clone()) for d, u in zip(model.down, model.up)])
+                    s.update(best_loss=l, best_step=step, best_samples=samples[e], bad=0, best=snapshot(e))
                 else:
                     s["bad"] += 1
                     if s["bad"] >= patience:
                         s["stopped_at"] = step
                         active.discard(e)
             val_history.append({"step": step, "val_loss": {e: round(l, 5) for e, l in losses.items()}})
+            rows = [i for i in train_rows if row_effects[i] in active]
             if not active:
                 logger.info("per-effect LoRAs: every effect stopped on its validation loss at step %d", step)
                 break
