@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from pipelines.config import add_step_cost_args, step_cost_overrides  # noqa: E402
 from video2lora.effects.evaluation import (  # noqa: E402
-    QUICK_EFFECTS, build_rows, contact_sheets, mean_se, score, table, train_judge)
+    QUICK_EFFECTS, SPLITS, build_rows, contact_sheets, mean_se, score, table, train_judge)
 
 logger = logging.getLogger("evaluate")
 
@@ -127,7 +127,7 @@ def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict
     with open(os.path.join(against, "results.json")) as f:
         theirs = {(r["method"], r["name"]): r for r in json.load(f)["rows"]}
     for m in out:
-        for split in ("seen", "held-out"):
+        for split in SPLITS:
             sel = [r for r in results if r["method"] == m and r["split"] == split and (m, r["name"]) in theirs]
             for field, key in (("effect_ok", "effect_accuracy"), ("content", "content_fidelity")):
                 if sel:
@@ -193,13 +193,14 @@ def evaluate(a: argparse.Namespace) -> dict:
     text, cells = table(results)
     if a.against:
         psnr = psnr_against(results, a.output, a.against, run["generation"])
+        splits = [sp for sp in SPLITS if any(r["split"] == sp for r in results)]
         text += ("\n\nAgainst " + a.against + " (same rows, seeds): PSNR, and this run minus that one per row (paired)\n\n"
-                 "| method | rows | PSNR dB (mean ± SE) | effect accuracy, seen / held-out | content fidelity, seen / held-out |\n"
-                 "|---|---|---|---|---|\n")
+                 f"| method | rows | PSNR dB (mean ± SE) | effect accuracy, {' / '.join(splits)} | content fidelity, "
+                 f"{' / '.join(splits)} |\n|---|---|---|---|---|\n")
 
         def diff(c, key):
             return " / ".join(f"{c[f'{sp}_{key}_diff']:+.3f} ± {c[f'{sp}_{key}_diff_se']:.3f}" if f"{sp}_{key}_diff" in c
-                              else "-" for sp in ("seen", "held-out"))
+                              else "-" for sp in splits)
         text += "\n".join(f"| {m} | {c['rows']} | {c['psnr_db']:.1f} ± {c['psnr_db_se']:.1f} | "
                           f"{diff(c, 'effect_accuracy')} | {diff(c, 'content_fidelity')} |" for m, c in psnr.items())
         for m, c in psnr.items():

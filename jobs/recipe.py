@@ -2,16 +2,17 @@
 
     python jobs/recipe.py --out outputs/effects                 # about an hour on 2 CPU cores
     python jobs/recipe.py --out outputs/effects --ship          # ... and copy the result into video2lora/assets
-    python jobs/recipe.py --out /tmp/fx --pretrain-device cuda  # the backbone pretraining on a GPU
     python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
     python jobs/recipe.py --world combo --out outputs/combo --backbone video2lora/assets/checkpoint/backbone \
         --classifier video2lora/assets/checkpoint/classifier --ship   # the shipped checkpoint (about 80 min)
+    python jobs/recipe.py --world families --init-backbone video2lora/assets/checkpoint/backbone  # family points
 
 `--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
 `--world combo`: compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on 35 of the 42,
 is tested on 7 it never saw (each made of a motion and a look it saw with other partners: COMBO_HELDOUT). The
 backbone learns all 57 labels, from scratch or from a single-world backbone (`--init-backbone`, VAE kept: how the
-shipped one was made); so does the judge.
+shipped one was made); so does the judge. `--world families`: points of continuous families ("slide@90+hue@120"),
+36 grid pairings trained; tested on new pairings, new points and a family no training clip has (FAMILY_* labels).
 
 Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 
@@ -59,11 +60,11 @@ logger = logging.getLogger("recipe")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="default outputs/effects, outputs/combo for --world combo")
+    p.add_argument("--out", default=None, help="default outputs/effects; outputs/<world> for the others")
     p.add_argument("--only", default="", help=f"comma-separated stages of {','.join(STAGES)}")
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
-    p.add_argument("--world", choices=("single", "combo"), default="single",
-                   help="single effects (14, 4 held out) or motion+look compounds (42, 7 held out)")
+    p.add_argument("--world", choices=("single", "combo", "families"), default="single",
+                   help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
     p.add_argument("--init-backbone", default="",
                    help="continue from this pretrained backbone (its VAE kept) instead of pretraining from scratch; "
                         "the shipped compound run used outputs/effects/backbone of a single-world run")
@@ -82,10 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--table-steps", type=int, default=None,
-                   help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for --world combo)")
+                   help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for compounds)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for --world combo)")
+                   help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for compounds)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between saved checkpoints; each is a candidate of the select stage")
     p.add_argument("--train-lr", type=float, default=1e-4)
@@ -113,7 +114,9 @@ def world_labels(a) -> tuple[str, str, str]:
     names or comma-separated lists."""
     from video2lora.effects.world import ALL_LABELS
 
-    return ("combo", "combo-world", "combo-eval") if a.world == "combo" else ("all", ",".join(ALL_LABELS), "all")
+    if a.world == "single":
+        return "all", ",".join(ALL_LABELS), "all"
+    return a.world, f"{a.world}-world", f"{a.world}-eval"  # the hypernetwork's data holds every evaluated effect
 
 
 def stage_data(a, paths) -> None:
@@ -133,8 +136,8 @@ def stage_pretrain(a, paths) -> None:
     cmd = [sys.executable, "jobs/pretrain_backbone.py", "--out", paths["backbone"], "--device", a.pretrain_device,
            "--clips-per-label", str(a.pretrain_clips_per_label), "--dit-steps", "100000", "--dit-minutes",
            str(a.dit_minutes), "--dit-batch", str(a.dit_batch), "--threads", str(a.threads), "--force"]
-    if a.world == "combo":
-        cmd += ["--effects", "combo-world"]
+    if a.world != "single":
+        cmd += ["--effects", world_labels(a)[1]]
     if a.init_backbone:  # continue from a pretrained backbone, its VAE kept: the DiT learns the new labels
         cmd += ["--init", a.init_backbone, "--vae-steps", "0", "--dit-lr", "3e-4"]
     else:
@@ -160,7 +163,7 @@ def stage_prepare(a, paths) -> None:
 
 
 def stage_warmstart(a, paths) -> None:
-    combo = a.world == "combo"
+    combo = a.world != "single"  # compounds: a factorised warm start
     table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35 compounds share the steps of 10 effects
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"],
@@ -172,7 +175,7 @@ def stage_warmstart(a, paths) -> None:
 
 
 def train_steps(a) -> int:
-    return a.train_steps if a.train_steps is not None else (2000 if a.world == "combo" else 1000)
+    return a.train_steps if a.train_steps is not None else (1000 if a.world == "single" else 2000)
 
 
 def stage_train(a, paths) -> None:
@@ -189,20 +192,17 @@ def stage_train(a, paths) -> None:
          "--cpus-per-worker", "0.25", "--data-cpus", "0.1"], env=_env())
 
 
-def prepared_dir(paths) -> str:
+def finished_preparations(paths) -> list[str]:
     root = os.path.join(paths["train"], "prepared")
-    done = [os.path.join(root, d) for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "prepared.json"))]
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names if os.path.exists(os.path.join(root, d, "prepared.json"))]
+
+
+def prepared_dir(paths) -> str:
+    done = finished_preparations(paths)  # the newest finished one is the prepare stage's output
     if not done:
-        raise FileNotFoundError(f"no finished preparation under {root}: run the train stage first")
+        raise FileNotFoundError(f"no finished preparation under {paths['train']}/prepared: run the prepare stage first")
     return max(done, key=os.path.getmtime)
-
-
-def has_preparation(paths) -> bool:
-    try:
-        prepared_dir(paths)
-    except FileNotFoundError:  # no prepared/ folder, or nothing finished in it
-        return False
-    return True
 
 
 def stage_baselines(a, paths) -> None:
@@ -289,7 +289,7 @@ DONE = {  # (args, paths) -> whether the stage's output is already there
         bool(a.classifier) or os.path.exists(os.path.join(p["judge_test"], "clips.parquet"))),
     "pretrain": lambda a, p: os.path.exists(os.path.join(p["backbone"], "pretrain_report.json")),
     "judge": lambda a, p: os.path.exists(os.path.join(p["classifier"], "report.json")),
-    "prepare": lambda a, p: has_preparation(p),
+    "prepare": lambda a, p: bool(finished_preparations(p)),
     "warmstart": lambda a, p: os.path.exists(os.path.join(p["warmstart"], "warmstart.json")),
     "train": lambda a, p: os.path.exists(os.path.join(p["final"], "config.json")),
     "baselines": lambda a, p: os.path.exists(p["baselines"]),
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     a = parse_args(argv)
-    out = os.path.abspath(a.out or ("outputs/combo" if a.world == "combo" else "outputs/effects"))
+    out = os.path.abspath(a.out or ("outputs/effects" if a.world == "single" else f"outputs/{a.world}"))
     paths = {"data": f"{out}/data", "judge_train": f"{out}/classifier-data", "judge_test": f"{out}/classifier-test",
              "backbone": f"{out}/backbone", "classifier": f"{out}/classifier", "train": f"{out}/train",
              "checkpoint": f"{out}/checkpoint", "final": f"{out}/train/final", "warmstart": f"{out}/warmstart",

@@ -274,3 +274,37 @@ def test_family_labels_parse_and_name_what_is_wrong():
                       ("hue@90+slide@45", "unknown effect"), ("slide@45+zoom@2", "unknown effect")):
         with pytest.raises(ValueError, match=says):
             fx.resolve_effects(bad)
+
+
+def test_family_world_holds_out_pairings_points_and_a_whole_family():
+    """--world families: the hypernetwork's training pairings are grid points; the held-out effects are new
+    pairings of grid points, new values between grid values, and compounds of a family no training clip has."""
+    from video2lora.effects import labels
+
+    train, held = set(fx.FAMILY_TRAIN), set(fx.FAMILY_HELDOUT)
+    assert len(train) == 36 and not train & held and all(fx.effect_split(e) == "train" for e in train)
+    assert all(fx.effect_split(e) == "heldout" for e in held)
+    assert set(fx.FAMILY_EVAL_SEEN) <= train and set(fx.FAMILY_WORLD) == train | held | {"none"}
+    motions = {fx.effect_factors(e)[0] for e in train}
+    looks = {fx.effect_factors(e)[1] for e in train}
+    assert motions == set(labels.FAMILY_MOTION_GRID) and looks == set(labels.FAMILY_LOOK_GRID)
+    # every motion family meets every look family in training
+    assert {(m.split("@")[0], k.split("@")[0]) for m, k in map(fx.effect_factors, train)} == {
+        (m, k) for m in ("spin", "zoom", "slide") for k in ("hue", "fade", "blur")}
+    for e in labels.FAMILY_HELDOUT_PAIRINGS:  # both parts seen, never together
+        assert set(fx.effect_factors(e)) <= motions | looks
+    for e in labels.FAMILY_HELDOUT_POINTS:  # exactly one part is a new value of a trained family
+        new = [p for p in fx.effect_factors(e) if p not in motions | looks]
+        assert len(new) == 1 and new[0].split("@")[0] in {"spin", "zoom", "slide", "hue", "fade", "blur"}
+        family, value = fx.family_point(new[0])
+        grid = sorted(fx.family_point(p)[1] for p in motions | looks if p.startswith(family + "@"))
+        assert grid[0] < value < grid[-1]  # between grid values: interpolation, not extrapolation
+    for e in labels.FAMILY_HELDOUT_FAMILY:
+        assert fx.held_out_family(e) and fx.effect_factors(e)[1] in looks
+    assert not any(fx.held_out_family(e) for e in train) and fx.HELDOUT_FAMILIES == ("wave",)
+    assert not any("wave" in e for e in train)
+    for name, expect in (("families-train", fx.FAMILY_TRAIN), ("families-heldout", fx.FAMILY_HELDOUT),
+                         ("families-eval", fx.FAMILY_EVAL_SEEN + fx.FAMILY_HELDOUT), ("families-world", fx.FAMILY_WORLD)):
+        assert fx.resolve_effects(name) == list(expect)
+    recs = fx.make_dataset(0, 1, effects=fx.FAMILY_WORLD)  # every label renders, with its split
+    assert {r["effect"]: r["split"] for r in recs} == {e: fx.effect_split(e) for e in fx.FAMILY_WORLD}

@@ -56,6 +56,19 @@ def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands
     assert arg(commands[0], "--vae-minutes") == "8.0"
 
 
+def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):
+    a = recipe.parse_args(["--world", "families", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
+    p = paths_for(tmp_path)
+    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
+        getattr(recipe, f"stage_{stage}")(a, p)
+    data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
+    # the hypernetwork's clips hold every evaluated effect (its training keeps split "train"; the baselines need all)
+    assert arg(data, "--effects") == "families" and arg(judge_train, "--effects") == "families-world"
+    assert arg(pretrain, "--effects") == "families-world" and arg(pretrain, "--init") == "/fx/backbone"
+    assert "--factorise" in warm and json.loads(arg(warm, "--model-config"))["lora"]["rank"] == 2
+    assert arg(train, "--max-steps") == "2000" and arg(evaluate, "--effects") == "families-eval"
+
+
 def test_single_world_is_unchanged(commands, tmp_path):
     a = recipe.parse_args(["--out", str(tmp_path)])
     p = paths_for(tmp_path)

@@ -62,6 +62,18 @@ def train_judge(train_manifest: str, test_manifest: str, out: str, epochs: int =
 
 
 # --------------------------------------------------------------------------------------------- the rows
+#: how the tables group rows: effects seen in hypernetwork training, held out, held out with a whole new family
+SPLITS: tuple[str, ...] = ("seen", "held-out", "held-out family")
+
+
+def row_split(effect: str) -> str:
+    """The table group of an effect: "seen", "held-out", or "held-out family" (a part of a family no training clip
+    has, e.g. wave@0.25+fade@1)."""
+    if fx.effect_split(effect) == "train":
+        return "seen"
+    return "held-out family" if fx.held_out_family(effect) else "held-out"
+
+
 def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]:
     """Fresh references per effect and, for each, a prompt of a fresh *other* scene. Writes refs/*.mp4."""
     os.makedirs(os.path.join(out, "refs"), exist_ok=True)
@@ -75,7 +87,7 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
             name = f"{fx.effect_slug(effect)}__{i}"  # a file and sample name (no '+')
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
-            rows.append({"name": name, "effect": effect, "split": "seen" if fx.effect_split(effect) == "train" else "held-out",
+            rows.append({"name": name, "effect": effect, "split": row_split(effect),
                          "reference_uri": uri, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
                          "shape": content["shape"], "colour": content["colour"], "background": content["background"],
                          "seed": seed * 1000 + i})
@@ -125,7 +137,7 @@ def table(results: list[dict]) -> tuple[str, dict]:
     lines = ["| method | split | rows | effect accuracy |" + extra + " content fidelity |",
              "|---|---|---|---|" + ("---|---|" if compound else "") + "---|"]
     for method in METHODS:
-        for split in ("seen", "held-out"):
+        for split in SPLITS:
             sel = [r for r in results if r["method"] == method and r["split"] == split]
             if not sel:
                 continue
@@ -151,22 +163,25 @@ def table(results: list[dict]) -> tuple[str, dict]:
 
 
 def selection_score(cells: dict) -> float:
-    """What the recipe's select stage maximises: effect accuracy, seen and held-out weighted alike."""
-    return (cells["video2lora/seen"]["effect_accuracy"] + cells["video2lora/held-out"]["effect_accuracy"]) / 2
+    """What the recipe's select stage maximises: effect accuracy, every split present (seen, held-out, held-out
+    family) weighted alike."""
+    acc = [cells[f"video2lora/{split}"]["effect_accuracy"] for split in SPLITS if f"video2lora/{split}" in cells]
+    return sum(acc) / len(acc)
 
 
 def selection_markdown(candidates: list[tuple[int, dict]], chosen: int, seed: int, refs_per_effect: int) -> str:
     """The recipe's select-stage table: (step, `table` cells) per checkpoint, then no LoRA (from the first)."""
     def cell(c, key):
         return f"{c[key]:.2f} ± {c[key + '_se']:.2f}"
+    splits = [s for s in SPLITS if f"video2lora/{s}" in candidates[0][1]]
     lines = [f"Validation seed {seed} ({refs_per_effect} references per effect): every kept checkpoint; chosen: step "
-             f"{chosen} (highest mean of seen and held-out effect accuracy)", "",
-             "| checkpoint | effect acc. seen | held-out | content fidelity seen | held-out |", "|---|---|---|---|---|"]
+             f"{chosen} (highest mean effect accuracy over {', '.join(splits)})", "",
+             "| checkpoint | " + " | ".join(f"effect acc. {s}" for s in splits) + " | "
+             + " | ".join(f"content fidelity {s}" for s in splits) + " |", "|---|" + "---|" * 2 * len(splits)]
     for name, method, t in [(f"step {s}" + (" (chosen)" if s == chosen else ""), "video2lora", t) for s, t in candidates] + [
             ("no LoRA", "no_lora", candidates[0][1])]:
-        seen, held = t[f"{method}/seen"], t[f"{method}/held-out"]
-        lines.append(f"| {name} | {cell(seen, 'effect_accuracy')} | {cell(held, 'effect_accuracy')} | "
-                     f"{cell(seen, 'content_fidelity')} | {cell(held, 'content_fidelity')} |")
+        lines.append(f"| {name} | " + " | ".join(cell(t[f"{method}/{s}"], "effect_accuracy") for s in splits) + " | "
+                     + " | ".join(cell(t[f"{method}/{s}"], "content_fidelity") for s in splits) + " |")
     return "\n".join(lines) + "\n"
 
 

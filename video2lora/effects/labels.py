@@ -73,6 +73,31 @@ FAMILY_POINTS: dict[str, tuple[str, float]] = {
 }
 
 
+# The family world (`--world families`): compounds of family points "motion@v+look@v". The hypernetwork trains on
+# 36 pairings of a grid (FAMILY_TRAIN) and is tested on three kinds of held-out effect it never saw: new pairings
+# of grid points, new points between grid points (spin@180 lies between 90 and 270), and a whole new family
+# (wave, a motion no training clip has). The backbone and the judge learn every label of the world.
+FAMILY_MOTION_GRID: tuple[str, ...] = ("spin@-270", "spin@-90", "spin@90", "spin@270", "zoom@0.3", "zoom@0.6",
+                                       "zoom@1.6", "zoom@2.8", "slide@0", "slide@90", "slide@180", "slide@270")
+FAMILY_LOOK_GRID: tuple[str, ...] = ("hue@-240", "hue@-120", "hue@120", "hue@240", "fade@0.5", "fade@1", "blur@1.5",
+                                     "blur@4")
+#: families no hypernetwork training clip has (the held-out family test)
+HELDOUT_FAMILIES: tuple[str, ...] = ("wave",)
+#: motion i with looks 3i, 3i+1, 3i+2 (mod 8): every motion family meets every look family, each look 4-5 times
+FAMILY_TRAIN: tuple[str, ...] = tuple(f"{m}+{FAMILY_LOOK_GRID[(3 * i + j) % 8]}"
+                                      for i, m in enumerate(FAMILY_MOTION_GRID) for j in range(3))
+FAMILY_HELDOUT_PAIRINGS: tuple[str, ...] = tuple(f"{FAMILY_MOTION_GRID[i]}+{FAMILY_LOOK_GRID[(3 * i + 4) % 8]}"
+                                                 for i in (0, 5, 10, 3))  # grid points, never together in training
+FAMILY_HELDOUT_POINTS: tuple[str, ...] = ("spin@180+fade@1", "zoom@2.2+hue@-120", "slide@135+blur@1.5",
+                                          "spin@-90+hue@180", "zoom@0.6+fade@0.75", "slide@270+blur@2.75")
+FAMILY_HELDOUT_FAMILY: tuple[str, ...] = ("wave@0.25+hue@120", "wave@0.25+fade@1", "wave@0.25+blur@4")
+FAMILY_HELDOUT: tuple[str, ...] = FAMILY_HELDOUT_PAIRINGS + FAMILY_HELDOUT_POINTS + FAMILY_HELDOUT_FAMILY
+#: the seen compounds the evaluation reports next to the held-out ones: spread over the grid's families
+FAMILY_EVAL_SEEN: tuple[str, ...] = FAMILY_TRAIN[0::5][:7]
+#: every label of the family world (backbone and judge): the compounds and the static class
+FAMILY_WORLD: list[str] = list(FAMILY_TRAIN + FAMILY_HELDOUT) + ["none"]
+
+
 def family_point(part: str) -> tuple[str, float] | None:
     """(family, value) of one part ("slide@45" -> (slide, 45.0); "slide_left" -> (slide, 180.0)), None for a named
     effect that is no point of a family ("invert"). Raises ValueError naming the part if it is malformed."""
@@ -136,12 +161,15 @@ _NAMED_SETS = {
     "all": EFFECTS, "train": TRAIN_EFFECTS, "heldout": HELDOUT_EFFECTS, "held_out": HELDOUT_EFFECTS,
     "test": HELDOUT_EFFECTS, "combo": COMBOS, "combo-train": COMBO_TRAIN, "combo-heldout": COMBO_HELDOUT,
     "combo-world": COMBO_WORLD, "combo-eval": COMBO_EVAL_SEEN + COMBO_HELDOUT,
+    "families": FAMILY_TRAIN + FAMILY_HELDOUT, "families-train": FAMILY_TRAIN, "families-heldout": FAMILY_HELDOUT,
+    "families-world": FAMILY_WORLD, "families-eval": FAMILY_EVAL_SEEN + FAMILY_HELDOUT,
 }
 
 
 def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
     """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS, "combo",
-    "combo-train", "combo-heldout", "combo-world", "combo-eval" -> the compound sets, or an explicit comma-separated
+    "combo-train", "combo-heldout", "combo-world", "combo-eval" -> the compound sets, "families", "families-train",
+    "families-heldout", "families-world", "families-eval" -> the family world's sets, or an explicit comma-separated
     list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
     if effects is None:
         return list(EFFECTS)
@@ -164,5 +192,12 @@ def effect_slug(effect: str) -> str:
 
 
 def effect_split(effect: str) -> str:
-    """'heldout' for held-out effects (single or compound), else 'train' (``none`` counts as train)."""
-    return "heldout" if effect in HELDOUT_EFFECTS or effect in COMBO_HELDOUT else "train"
+    """'heldout' for held-out effects (single, compound, or of the family world: any label with a part of a
+    HELDOUT_FAMILIES family counts), else 'train' (``none`` counts as train)."""
+    held = effect in HELDOUT_EFFECTS or effect in COMBO_HELDOUT or effect in FAMILY_HELDOUT
+    return "heldout" if held or held_out_family(effect) else "train"
+
+
+def held_out_family(effect: str) -> bool:
+    """Whether a label has a part of a family no hypernetwork training clip has ("wave@0.25+fade@1")."""
+    return any(part.partition("@")[0] in HELDOUT_FAMILIES for part in effect.split("+") if "@" in part)

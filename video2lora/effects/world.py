@@ -35,9 +35,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .labels import (  # noqa: F401 - re-exported: `world` is the one name callers need
-    ALL_LABELS, COMBO_EVAL_SEEN, COMBO_HELDOUT, COMBO_TRAIN, COMBO_WORLD, COMBOS, EFFECTS, HELDOUT_EFFECTS, LOOKS,
-    LOOK_FAMILIES, MOTION_FAMILIES, MOTIONS, NONE, TRAIN_EFFECTS, effect_factors, effect_parts, effect_slug,
-    effect_split, family_point, resolve_effects,
+    ALL_LABELS, COMBO_EVAL_SEEN, COMBO_HELDOUT, COMBO_TRAIN, COMBO_WORLD, COMBOS, EFFECTS, FAMILY_EVAL_SEEN,
+    FAMILY_HELDOUT, FAMILY_TRAIN, FAMILY_WORLD, HELDOUT_EFFECTS, HELDOUT_FAMILIES, LOOKS, LOOK_FAMILIES,
+    MOTION_FAMILIES, MOTIONS, NONE, TRAIN_EFFECTS, effect_factors, effect_parts, effect_slug, effect_split,
+    family_point, held_out_family, resolve_effects,
 )
 
 __all__ = [
@@ -66,6 +67,12 @@ __all__ = [
     "COMBO_HELDOUT",
     "COMBO_EVAL_SEEN",
     "COMBO_WORLD",
+    "FAMILY_TRAIN",
+    "FAMILY_HELDOUT",
+    "FAMILY_EVAL_SEEN",
+    "FAMILY_WORLD",
+    "HELDOUT_FAMILIES",
+    "held_out_family",
 ]
 
 # --------------------------------------------------------------------------- content
