@@ -147,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="outputs/evaluate")
     p.add_argument("--refs-per-effect", type=int, default=4)
     p.add_argument("--effects", default="all",
-                   help="all | train | heldout | combo | combo-train | combo-heldout | comma-separated effects")
+                   help="all | train | heldout | combo-eval | families-eval | any set of video2lora.effects.labels | "
+                        "comma-separated effects")
     p.add_argument("--quick", action="store_true", help=f"CI: effects {','.join(QUICK_EFFECTS)}, one reference each")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     p.add_argument("--guidance-scale", type=float, default=None)

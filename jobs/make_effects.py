@@ -6,7 +6,8 @@
 Writes <out>/clips/<clip_id>.mp4 (H.264, pixels from [-1, 1]) and <out>/clips.parquet with columns
 clip_id, video_uri, prompt, effect, split, shape, colour, background. video_uri is relative to the manifest's
 directory ("clips/<clip_id>.mp4") unless --absolute-uris is given. Prompts describe only the content, never the
-effect; split is "train" for TRAIN_EFFECTS and "heldout" for HELDOUT_EFFECTS. The same seed gives the same data.
+effect; split is "heldout" for held-out effects (HELDOUT_EFFECTS, COMBO_HELDOUT, FAMILY_HELDOUT and any label of a
+held-out family: `effect_split`), else "train". The same seed gives the same data.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--effects", default="all", help="train | heldout | all | combo | combo-train | combo-heldout | "
-                   "combo-world | comma-separated effect names (compounds: motion+look)")
+                   "combo-world | families | families-world | ... (video2lora.effects.labels) | comma-separated effect "
+                   "names (compounds: motion+look; family points: slide@45+hue@90)")
     p.add_argument("--absolute-uris", action="store_true", help="write absolute video_uri values")
     return p.parse_args(argv)
 

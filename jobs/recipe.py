@@ -1,18 +1,16 @@
 """The whole synthetic-effects recipe in one command: dataset, pretrain, judge, train, baselines, evaluate.
 
     python jobs/recipe.py --out outputs/effects                 # about an hour on 2 CPU cores
-    python jobs/recipe.py --out outputs/effects --ship          # ... and copy the result into video2lora/assets
     python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
     python jobs/recipe.py --world combo --out outputs/combo --backbone video2lora/assets/checkpoint/backbone \
         --classifier video2lora/assets/checkpoint/classifier --ship   # the shipped checkpoint (about 80 min)
     python jobs/recipe.py --world families --init-backbone video2lora/assets/checkpoint/backbone  # family points
 
 `--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
-`--world combo`: compounds of one motion and one look ("spin+fade_out"); the hypernetwork trains on 35 of the 42,
-is tested on 7 it never saw (each made of a motion and a look it saw with other partners: COMBO_HELDOUT). The
-backbone learns all 57 labels, from scratch or from a single-world backbone (`--init-backbone`, VAE kept: how the
-shipped one was made); so does the judge. `--world families`: points of continuous families ("slide@90+hue@120"),
-36 grid pairings trained; tested on new pairings, new points and a family no training clip has (FAMILY_* labels).
+`--world combo`: compounds "motion+look" ("spin+fade_out"), 35 of 42 trained, 7 held out (their motion and look
+seen with other partners). `--world families`: points of continuous families ("slide@90+hue@120"), 36 grid
+pairings trained, 13 held out (new pairings, new points, and a family no training clip has). The backbone (from
+scratch or `--init-backbone`, its VAE kept) and the judge learn every label of the world. Only combo ships.
 
 Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 
@@ -27,12 +25,12 @@ Stages (each is skipped when its output is already there, so a rerun resumes; `-
 7. baselines  video2lora.effects.baselines: one ordinary LoRA per evaluated effect, each early-stopped on its
               own validation loss;
 8. select     jobs/evaluate.py on the validation seed (--val-seed) for every checkpoint the train stage kept: the
-              best (mean of seen and held-out effect accuracy) becomes <out>/checkpoint (select/selection.md);
+              best (mean of seen and pooled held-out effect accuracy) becomes <out>/checkpoint (selection.md);
 9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (three methods,
               every cell with its standard error) and contact sheets.
 
-Each stage prints progress lines; the recipe prints a banner per stage and every stage's wall time (also in
-<out>/recipe.json). Numbers of the shipped run: docs/EFFECTS.md.
+Progress lines per stage, a banner per stage, and every stage's wall time (also in <out>/recipe.json). Numbers of
+the runs: docs/EFFECTS.md.
 """
 
 from __future__ import annotations
@@ -65,19 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
     p.add_argument("--world", choices=("single", "combo", "families"), default="single",
                    help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
-    p.add_argument("--init-backbone", default="",
-                   help="continue from this pretrained backbone (its VAE kept) instead of pretraining from scratch; "
-                        "the shipped compound run used outputs/effects/backbone of a single-world run")
+    p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept) "
+                   "instead of pretraining from scratch (the shipped compound backbone came from a single-world one)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--backbone", default="",
                    help="use this pretrained frozen backbone as it is (no pretrain stage), e.g. "
                         "video2lora/assets/checkpoint/backbone: how the shipped compound checkpoint is reproduced")
-    p.add_argument("--classifier", default="",
-                   help="use this trained judge as it is (no judge stage, no judge data), e.g. "
-                        "video2lora/assets/checkpoint/classifier")
+    p.add_argument("--classifier", default="", help="use this trained judge as it is (no judge stage, no judge data)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
-    p.add_argument("--pretrain-device", default="cpu")
+    p.add_argument("--pretrain-device", default="cpu", help="cuda: the backbone pretraining on a GPU")
     p.add_argument("--vae-minutes", type=float, default=8.0)
     p.add_argument("--dit-minutes", type=float, default=15.0)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -164,7 +159,7 @@ def stage_prepare(a, paths) -> None:
 
 def stage_warmstart(a, paths) -> None:
     combo = a.world != "single"  # compounds: a factorised warm start
-    table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35 compounds share the steps of 10 effects
+    table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35-36 compounds share them
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"],
          "--model-config", json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG),
@@ -220,7 +215,7 @@ def stage_baselines(a, paths) -> None:
     targets = backbone.lora_targets  # the layers the hypernetwork adapts (its checkpoint says which, if there)
     if os.path.exists(os.path.join(paths["final"], "config.json")):
         targets = Video2LoRAModel.from_pretrained(paths["final"]).config.lora.target_modules
-    effects = resolve_effects(world_labels(a)[2])  # the evaluated ones (all 14 single effects; 14 of 42 compounds)
+    effects = resolve_effects(world_labels(a)[2])  # the evaluated ones (all single effects; some compounds)
     # each effect its own budget: trained until its loss on clips held out of its training stops falling
     model, report = train_per_effect_loras(backbone, data, effects=effects, target_modules=targets,
                                            rank=a.baseline_rank, steps=a.baseline_steps, batch_size=14, seed=0,
@@ -249,12 +244,15 @@ def stage_select(a, paths) -> None:
     the run's checkpoint. The test seed is not looked at here."""
     from video2lora.effects.evaluation import selection_markdown, selection_score
 
-    rows, best = [], None
+    from video2lora.effects.world import resolve_effects
+
+    rows, best, evaluated = [], None, resolve_effects(world_labels(a)[2])
     for step, model in candidates(paths):
         out = os.path.join(paths["select"], f"seed-{a.val_seed}", f"step-{step}")
         done = os.path.join(out, "results.json")
         earlier = json.load(open(done)) if os.path.exists(done) else {}  # reused if it scored this very checkpoint
-        if earlier and (a.force or [earlier.get(k) for k in ("checkpoint", "refs_per_effect")] != [model, a.refs_per_effect]):
+        same = [earlier.get(k) for k in ("checkpoint", "refs_per_effect", "effects")] == [model, a.refs_per_effect, evaluated]
+        if earlier and (a.force or not same):
             shutil.rmtree(out)
         if not os.path.exists(done):
             run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
@@ -339,6 +337,9 @@ def main(argv=None) -> int:
     unknown = [s for s in only if s not in STAGES]
     if unknown:
         print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
+        return 2
+    if a.ship and a.world != "combo":  # the tests and the batch job's default evaluate the compound world's labels
+        print(f"error: --ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out", file=sys.stderr)
         return 2
     if a.backbone and a.init_backbone:
         print("error: --backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other",

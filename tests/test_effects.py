@@ -4,6 +4,7 @@ import itertools
 import os
 import re
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -306,5 +307,30 @@ def test_family_world_holds_out_pairings_points_and_a_whole_family():
     for name, expect in (("families-train", fx.FAMILY_TRAIN), ("families-heldout", fx.FAMILY_HELDOUT),
                          ("families-eval", fx.FAMILY_EVAL_SEEN + fx.FAMILY_HELDOUT), ("families-world", fx.FAMILY_WORLD)):
         assert fx.resolve_effects(name) == list(expect)
+    assert [len(x) for x in (labels.FAMILY_HELDOUT_PAIRINGS, labels.FAMILY_HELDOUT_POINTS, labels.FAMILY_HELDOUT_FAMILY,
+                             fx.FAMILY_EVAL_SEEN)] == [4, 6, 3, 7]
+    assert len(fx.FAMILY_WORLD) == len(set(fx.FAMILY_WORLD)) == 50 and len(set(fx.FAMILY_TRAIN)) == 36
+    assert sorted(Counter(fx.effect_factors(e)[1] for e in train).values()) == [4] * 4 + [5] * 4
     recs = fx.make_dataset(0, 1, effects=fx.FAMILY_WORLD)  # every label renders, with its split
     assert {r["effect"]: r["split"] for r in recs} == {e: fx.effect_split(e) for e in fx.FAMILY_WORLD}
+
+
+def test_a_held_out_family_is_its_own_split_in_the_table_and_the_selection():
+    from video2lora.effects.evaluation import row_split, selection_markdown, selection_score, table
+
+    assert row_split("spin@-270+hue@-240") == "seen" and row_split("spin@180+fade@1") == "held-out"
+    assert row_split("wave@0.25+fade@1") == "held-out family" and row_split("spin+pixelate") == "seen"
+    effects = {"spin@-270+hue@-240": [1, 1], "spin@180+fade@1": [1, 0], "wave@0.25+fade@1": [0, 0]}
+    results = [{"method": m, "effect": e, "split": row_split(e), "effect_ok": bool(ok and m == "video2lora"),
+                "motion_ok": True, "look_ok": False, "content": 0.5}
+               for m in ("video2lora", "no_lora") for e, oks in effects.items() for ok in oks]
+    text, cells = table(results)
+    assert cells["video2lora/held-out family"]["effect_accuracy"] == 0.0
+    assert cells["video2lora/held-out"]["effect_accuracy"] == 0.5 and cells["video2lora/seen"]["rows"] == 2
+    assert "| video2lora | held-out family | 2 |" in text
+    assert selection_score(cells) == (1.0 + (0.5 * 2 + 0.0 * 2) / 4) / 2  # seen vs every held-out row pooled
+    two_splits = {k: v for k, v in cells.items() if "family" not in k}  # e.g. a result scored before the change
+    md = selection_markdown([(500, two_splits), (1000, cells)], 1000, seed=101, refs_per_effect=2)
+    assert "effect acc. held-out family" in md
+    assert "| step 1000 (chosen) | 1.00 ± 0.00 | 0.50 ± 0.50 | 0.00 ± 0.00 |" in md
+    assert "| step 500 | 1.00 ± 0.00 | 0.50 ± 0.50 | - |" in md  # the missing cell shown, not the column dropped

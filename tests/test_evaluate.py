@@ -100,20 +100,3 @@ def test_mean_se():
     m, se = mean_se([0.0, 1.0, 1.0, 0.0])
     assert m == 0.5 and abs(se - (1 / 3) ** 0.5 / 2) < 1e-12
 
-
-def test_a_held_out_family_is_its_own_split_in_the_table_and_the_selection():
-    from video2lora.effects.evaluation import row_split, selection_markdown, selection_score, table
-
-    assert row_split("spin@-270+hue@-240") == "seen" and row_split("spin@180+fade@1") == "held-out"
-    assert row_split("wave@0.25+fade@1") == "held-out family" and row_split("spin+pixelate") == "seen"
-    effects = {"spin@-270+hue@-240": [1, 1], "spin@180+fade@1": [1, 0], "wave@0.25+fade@1": [0, 0]}
-    results = [{"method": m, "effect": e, "split": row_split(e), "effect_ok": bool(ok and m == "video2lora"),
-                "motion_ok": True, "look_ok": False, "content": 0.5}
-               for m in ("video2lora", "no_lora") for e, oks in effects.items() for ok in oks]
-    text, cells = table(results)
-    assert cells["video2lora/held-out family"]["effect_accuracy"] == 0.0
-    assert cells["video2lora/held-out"]["effect_accuracy"] == 0.5 and cells["video2lora/seen"]["rows"] == 2
-    assert "| video2lora | held-out family | 2 |" in text
-    assert selection_score(cells) == (1.0 + 0.5 + 0.0) / 3  # every split weighs alike
-    md = selection_markdown([(500, cells)], 500, seed=101, refs_per_effect=2)
-    assert "effect acc. held-out family" in md and md.count("| step 500 (chosen) | 1.00 ± 0.00 | 0.50 ± 0.50 | 0.00 ± 0.00 |") == 1

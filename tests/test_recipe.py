@@ -90,6 +90,8 @@ def test_refuses_to_mix_worlds_or_start_from_its_own_backbone(commands, tmp_path
     (out / "recipe.json").write_text(json.dumps({"args": {"world": "single"}}))
     assert recipe.main(["--world", "combo", "--out", str(out), "--only", "data"]) == 2
     assert "--world single run" in capsys.readouterr().err
+    assert recipe.main(["--world", "families", "--out", str(tmp_path / "f"), "--ship"]) == 2  # only combo ships
+    assert "only --world combo ships" in capsys.readouterr().err
     assert commands == []  # nothing ran
 
 
@@ -117,6 +119,8 @@ def test_a_given_backbone_and_judge_are_used_as_they_are(commands, tmp_path, cap
 
 
 def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatch, tmp_path):
+    from video2lora.effects.world import resolve_effects
+
     p = paths_for(tmp_path)
     accuracy = {500: (0.2, 0.1), 1000: (0.4, 0.2), 1500: (0.2, 0.4), 2000: (0.3, 0.1)}  # 1000 and 1500 tie: 0.3
     for step in accuracy:
@@ -130,11 +134,12 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
         assert "--no-per-effect" in cmd
         step = json.loads(open(os.path.join(arg(cmd, "--checkpoint"), "config.json")).read())["step"]
         seen, held = accuracy[step]
-        cell = lambda acc: {"effect_accuracy": acc, "effect_accuracy_se": 0.05, "content_fidelity": 0.7,  # noqa: E731
-                            "content_fidelity_se": 0.02}
+        cell = lambda acc: {"rows": 56, "effect_accuracy": acc, "effect_accuracy_se": 0.05,  # noqa: E731
+                            "content_fidelity": 0.7, "content_fidelity_se": 0.02}
         os.makedirs(arg(cmd, "--output"))
         with open(os.path.join(arg(cmd, "--output"), "results.json"), "w") as f:
             json.dump({"checkpoint": arg(cmd, "--checkpoint"), "refs_per_effect": int(arg(cmd, "--refs-per-effect")),
+                       "effects": resolve_effects(arg(cmd, "--effects")),
                        "table": {"video2lora/seen": cell(seen), "video2lora/held-out": cell(held),
                                  "no_lora/seen": cell(0.0), "no_lora/held-out": cell(0.0)}}, f)
 
@@ -146,13 +151,15 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
     report = json.loads(open(os.path.join(p["select"], "selection.json")).read())
     assert report["chosen_step"] == 1000 and [c["step"] for c in report["candidates"]] == [500, 1000, 1500, 2000]
     assert "step 1000 (chosen)" in open(os.path.join(p["select"], "selection.md")).read()
-    # a rerun reuses what scored these very checkpoints; another validation seed or --force scores them again
+    # a rerun reuses what scored these very checkpoints; another validation seed, effect set or --force scores again
     recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "11"]), p)
     assert seeds == ["11"] * 4
     recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12"]), p)
     assert seeds == ["11"] * 4 + ["12"] * 4
     recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12", "--force"]), p)
     assert seeds == ["11"] * 4 + ["12"] * 8
+    recipe.stage_select(recipe.parse_args(["--world", "families", "--val-seed", "12"]), p)
+    assert seeds == ["11"] * 4 + ["12"] * 12
 
 
 def test_ship_can_reuse_the_shipped_backbone_it_replaces(monkeypatch, tmp_path):
