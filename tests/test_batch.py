@@ -241,6 +241,7 @@ def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips
          "prompt": "a red circle", "seed": 1},
         {"sample_id": "mix_even", "reference_uris": refs, "prompt": "a red circle", "seed": 1},
         {"sample_id": "reused", "lora_uri": exported, "prompt": "a cat", "seed": 4},
+        {"sample_id": "bare", "reference_uri": refs[2], "prompt": "a cat", "seed": 4, "lora_strength": 0.0},
         {"sample_id": "nan_weight", "reference_uris": refs[:2], "reference_weights": [0.5, float("nan")], "prompt": "x"},
         {"sample_id": "lengths", "reference_uris": refs[:2], "reference_weights": [1.0], "prompt": "x"},
         {"sample_id": "too_many", "reference_uris": [refs[0]] * 9, "prompt": "x"},
@@ -251,7 +252,7 @@ def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips
     summary = run_batch_job(write_manifest(tmp_path / "m.parquet", rows),
                             config(tiny_backbone_dir, checkpoint, out), progress=False)
     res = results_of(str(out))
-    assert summary["ok"] == 5, res[["status", "error"]]
+    assert summary["ok"] == 6, res[["status", "error"]]
     assert "reference_weights" in res.loc["nan_weight", "error"]
     assert "2 weights" not in res.loc["lengths", "error"] and "1 weights for 2" in res.loc["lengths", "error"]
     assert "reference_uris has 9 references" in res.loc["too_many", "error"]
@@ -265,7 +266,11 @@ def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips
     assert res.loc["reused", "lora_uri"] == exported and not res.loc["reused", "lora_cache_hit"]
     # the reused file carries its row's strength (0.7): at strength 1 it makes that row's video again
     plain, reused = read_video(str(out1 / "videos" / "plain.mp4"), 9, 32, 32), read_video(str(out / "videos" / "reused.mp4"), 9, 32, 32)
-    assert float((plain - reused).abs().mean()) < 0.01
+    bare = read_video(str(out / "videos" / "bare.mp4"), 9, 32, 32)  # the same row without its LoRA
+    # not bit for bit: the exported file applies the LoRA in another order and another batch, and float differences
+    # grow over the denoising steps (one full-suite run: 0.023); the LoRA itself moves the video far more
+    gap, lora_effect = float((plain - reused).abs().mean()), float((plain - bare).abs().mean())
+    assert gap < 0.05 and gap < 0.25 * lora_effect, (gap, lora_effect)
 
 
 def scrape_job_metrics(job: str, until, timeout: float = 30.0) -> dict[str, float]:
