@@ -243,7 +243,6 @@ def stage_select(a, paths) -> None:
     """Every kept checkpoint on the validation seed; the best by `selection_score` (ties: fewer steps) becomes
     the run's checkpoint. The test seed is not looked at here."""
     from video2lora.effects.evaluation import selection_markdown, selection_score
-
     from video2lora.effects.world import resolve_effects
 
     rows, best, evaluated = [], None, resolve_effects(world_labels(a)[2])

@@ -30,15 +30,21 @@ def paths_for(tmp_path):
             "select": f"{out}/select", "evaluate": f"{out}/evaluate"}
 
 
+def run_stages(a, tmp_path) -> dict:
+    """The stages that only build commands (data, pretrain, warmstart, train, evaluate), in order; their paths."""
+    p = paths_for(tmp_path)
+    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
+        getattr(recipe, f"stage_{stage}")(a, p)
+    return p
+
+
 def arg(cmd, name):
     return cmd[cmd.index(name) + 1]
 
 
 def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands, tmp_path):
     a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
-    p = paths_for(tmp_path)
-    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
-        getattr(recipe, f"stage_{stage}")(a, p)
+    p = run_stages(a, tmp_path)
     data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
     assert arg(data, "--effects") == "combo" and arg(judge_train, "--effects") == "combo-world"
     assert arg(pretrain, "--init") == "/fx/backbone" and arg(pretrain, "--vae-steps") == "0"
@@ -58,9 +64,7 @@ def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands
 
 def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):
     a = recipe.parse_args(["--world", "families", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
-    p = paths_for(tmp_path)
-    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
-        getattr(recipe, f"stage_{stage}")(a, p)
+    p = run_stages(a, tmp_path)
     data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
     # the hypernetwork's clips hold every evaluated effect (its training keeps split "train"; the baselines need all)
     assert arg(data, "--effects") == "families" and arg(judge_train, "--effects") == "families-world"
@@ -71,9 +75,7 @@ def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_p
 
 def test_single_world_is_unchanged(commands, tmp_path):
     a = recipe.parse_args(["--out", str(tmp_path)])
-    p = paths_for(tmp_path)
-    for stage in ("data", "pretrain", "warmstart", "train", "evaluate"):
-        getattr(recipe, f"stage_{stage}")(a, p)
+    p = run_stages(a, tmp_path)
     data, judge_train, _, pretrain, warm, train, evaluate = commands
     assert arg(data, "--effects") == "all" and "none" in arg(judge_train, "--effects").split(",")
     assert "--init" not in pretrain and arg(pretrain, "--vae-minutes") == "8.0"
