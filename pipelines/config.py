@@ -69,9 +69,11 @@ def add_step_cost_args(p) -> None:
     g = GenerationConfig()
     p.add_argument("--step-cache", default=None, choices=STEP_CACHES, help=f"diffusers step cache (default: {g.step_cache})")
     p.add_argument("--step-cache-interval", type=int, default=None,
-                   help=f"compute every Nth step (pyramid_attention, faster, taylorseer; default {g.step_cache_interval})")
+                   help=f"compute every Nth step (pyramid_attention, faster, taylorseer; magcache: at least every "
+                        f"Nth; default {g.step_cache_interval})")
     p.add_argument("--step-cache-threshold", type=float, default=None,
-                   help=f"first_block: reuse while the first block changes less than this (default {g.step_cache_threshold})")
+                   help=f"first_block: reuse while the first block changes less than this; magcache: while the "
+                        f"accumulated calibrated change stays under this (default {g.step_cache_threshold})")
     p.add_argument("--step-cache-timesteps", default=None, metavar="LOW,HIGH",
                    help=f"timestep window (0-1000) where outputs may be reused (default {','.join(map(str, g.step_cache_timesteps))})")
     p.add_argument("--compile-blocks", default=None, choices=("on", "off"), help="torch.compile each DiT block")

@@ -100,3 +100,18 @@ def test_mean_se():
     m, se = mean_se([0.0, 1.0, 1.0, 0.0])
     assert m == 0.5 and abs(se - (1 / 3) ** 0.5 / 2) < 1e-12
 
+
+
+def test_rows_are_independent_samples(tmp_path):
+    """No two rows share a generation seed (else every effect's no-LoRA row would be one video counted again and
+    again, and the standard errors would count copies); an effect's rows do not depend on the other effects."""
+    from video2lora.effects.evaluation import build_rows
+
+    effects = ["spin+pixelate", "zoom_in+fade_out", "zoom_out+invert"]
+    rows = build_rows(str(tmp_path / "a"), 5, effects, 3)
+    assert len({r["seed"] for r in rows}) == len(rows) == 9
+    by_effect = {e: [(r["prompt"], r["seed"]) for r in rows if r["effect"] == e] for e in effects}
+    assert by_effect[effects[0]] != by_effect[effects[1]]  # content drawn per effect, not shared
+    alone = build_rows(str(tmp_path / "b"), 5, effects[1:2], 3)
+    assert [(r["prompt"], r["seed"]) for r in alone] == by_effect[effects[1]]
+    assert build_rows(str(tmp_path / "c"), 6, effects[1:2], 3)[0]["seed"] != alone[0]["seed"]  # a new seed, new rows

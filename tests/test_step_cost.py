@@ -64,6 +64,9 @@ def test_each_cache_keeps_rows_apart_and_skips_work(tiny_backbone_dir, cache):
     cached = make_generator(tiny_backbone_dir, step_cache=cache, step_cache_threshold=0.5)
     counts = {name: count_attention(g) for name, g in (("plain", plain), ("cached", cached))}
     req = [GenerationRequest("a red circle", reference=random_clips(1, seed=1)[0], seed=1)]
+    if cache == "magcache":  # its first call also runs the calibration pass (one bare video, nothing skipped)
+        cached.generate(req)
+        counts["cached"]["q"] = 0
     base, fast = plain.generate(req)[0], cached.generate(req)[0]
     blocks = len(plain.backbone.transformer.transformer_blocks)
     assert counts["plain"]["q"] == GEN.steps * blocks
@@ -138,3 +141,20 @@ def test_bad_options_name_the_field(tiny_backbone_dir):
     g.config = dataclasses.replace(GEN, step_cache="pyramid_attention", step_cache_interval=1)
     with pytest.raises(ValueError, match="step_cache_interval=1"):
         g.generate([GenerationRequest("a red circle", seed=1)])
+
+
+def test_magcache_calibrates_once_per_size_on_a_fixed_input(tiny_backbone_dir):
+    """magcache's ratio table comes from a fixed bare input, not from the rows: a generator that saw other rows
+    first gives the same video bit for bit, and the table is calibrated once per size, one ratio per step."""
+    req = GenerationRequest("a red circle", reference=random_clips(1, seed=1)[0], seed=1)
+    first = make_generator(tiny_backbone_dir, step_cache="magcache", step_cache_threshold=0.5)
+    want = first.generate([req])[0]
+    other = make_generator(tiny_backbone_dir, step_cache="magcache", step_cache_threshold=0.5)
+    other.generate([GenerationRequest("a blue square", reference=random_clips(1, seed=5)[0], seed=7)])
+    got = other.generate([req])[0]
+    assert torch.equal(got, want)
+    assert list(other.step_cost.mag_ratios) == [(GEN.steps, True, 9, 32, 32)]
+    ratios = other.step_cost.mag_ratios[(GEN.steps, True, 9, 32, 32)]
+    assert len(ratios) == GEN.steps and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    other.generate([GenerationRequest("a blue square", seed=2)], num_frames=5)
+    assert len(other.step_cost.mag_ratios) == 2

@@ -1,5 +1,6 @@
 """The library on the tiny Wan2.1 text-to-video backbone: loading, generation, export, training loss."""
 
+import dataclasses
 import json
 
 import pytest
@@ -176,3 +177,26 @@ def test_i2v_is_a_clear_error(generator):
         WanBackbone(generator.backbone.pipe, "wan-i2v")
     with pytest.raises(NotImplementedError, match="first frames"):
         generator.backbone.sample_latents(["x"], [""], [torch.Generator()], 9, 32, 32, 2, 6.0, torch.zeros(1, 3, 32, 32))
+
+
+def test_magcache_with_separate_cfg_calls(wan_dir):
+    """Wan runs the conditional and unconditional rows as two DiT calls (two cache contexts, each calibrated):
+    magcache skips steps of both, and a batch of mixed LoRAs still equals each row alone."""
+    backbone = Backbone.from_pretrained(wan_dir, device="cpu")
+    gen = Video2LoRAGenerator(backbone, make_model(backbone), dataclasses.replace(
+        GEN, steps=6, step_cache="magcache", step_cache_threshold=2.0, step_cache_interval=3))
+    calls = {"n": 0}
+    backbone.transformer.blocks[0].attn1.to_q.base.register_forward_pre_hook(
+        lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    refs = random_clips(2, seed=1)
+    reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(["a red circle", "a blue square"], refs, [1, 2])]
+    batch = gen.generate(reqs)
+    first, calls["n"] = calls["n"], 0
+    ratios = gen.step_cost.mag_ratios[(6, True, 9, 32, 32)]
+    assert len(ratios) == 6 and ratios[0] == 1.0
+    for req, video in zip(reqs, batch):
+        alone = gen.generate([req])[0]
+        torch.testing.assert_close(video, alone, atol=5e-3, rtol=0)
+    per_video = calls["n"] // 2
+    assert 0 < per_video < 2 * 6  # some steps skipped
+    assert first == 2 * 6 + per_video  # the calibration pass (every step, both CFG calls), then the batch

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbones import Backbone
-from .backbones.step_cost import BATCH_COUPLED, StepCost
+from .backbones.step_cost import BATCH_COUPLED, CALIBRATION_PROMPT, StepCost
 from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
@@ -206,7 +206,8 @@ class Video2LoRAGenerator:
         layers = None
         if layer_loras is not None:
             self.adapted_layers()
-        self.step_cost.apply(c, steps, guidance_scale)
+        self.step_cost.apply(c, steps, guidance_scale, (num_frames, height, width),
+                             lambda: self.calibration_run(num_frames, height, width, steps, guidance_scale))
         if layer_loras is not None:
             device, dtype = self.backbone.device, self.backbone.dtype
             layers = [LayerLoRA(l.down.to(device, dtype), l.up.to(device, dtype)) for l in layer_loras]
@@ -226,6 +227,14 @@ class Video2LoRAGenerator:
         videos = self.backbone.decode(latents).cpu()
         timings.add("decode", time.perf_counter() - start)
         return list(videos)
+
+
+    def calibration_run(self, num_frames, height, width, steps, guidance_scale) -> None:
+        """The bare backbone on a fixed input (a step cache's calibration): the same every time, whatever the rows."""
+        image = torch.zeros(1, 3, height, width) if self.backbone.is_i2v else None
+        generator = torch.Generator("cpu").manual_seed(0)
+        self.backbone.sample_latents([CALIBRATION_PROMPT], [self.config.negative_prompt], [generator], num_frames,
+                                     height, width, steps, guidance_scale, image)
 
 
 def new_model_for(backbone: Backbone, config: Video2LoRAConfig | None = None, seed: int = 0) -> Video2LoRAModel:

@@ -34,6 +34,8 @@ OPTIONS = {
     "compile": {**OFF, "compile_blocks": True},
     "fused": {**OFF, "fuse_qkv": True},
     "first_block+fused": {**OFF, "step_cache": "first_block", "step_cache_threshold": 0.4, "fuse_qkv": True},
+    "magcache": {**OFF, "step_cache": "magcache", "step_cache_threshold": 0.3, "step_cache_interval": 4,
+                 "step_cache_timesteps": (100, 800)},
     "default": {},
 }
 
@@ -189,6 +191,8 @@ def describe(cfg) -> str:
         parts[0] += f" every {cfg.step_cache_interval}"
     if cfg.step_cache == "first_block":
         parts[0] += f" {cfg.step_cache_threshold}"
+    if cfg.step_cache == "magcache":
+        parts[0] += f" {cfg.step_cache_threshold}, at least every {cfg.step_cache_interval}"
     parts += ["compiled"] if cfg.compile_blocks else []
     parts += ["fused qkv"] if cfg.fuse_qkv else []
     return " + ".join(parts)

@@ -6,6 +6,10 @@ them keep a batch of rows with different LoRAs equal to each row alone is what `
 
 * `pyramid_attention`, `faster`, `taylorseer` decide what to reuse from the step index and the timestep only, so
   every row of a batch is cached the same way it would be alone;
+* `magcache` decides from the step index and a per-model table of how much the blocks' output changes from one
+  step to the next (its `mag_ratios`). The table is calibrated once per generator and size by diffusers' own
+  calibration pass on a fixed bare input (`CALIBRATION_PROMPT`, seed 0), never on the batch's rows, so every row is
+  still cached the same way it would be alone, and a batch's videos do not depend on which batch came first;
 * `first_block` decides from the whole DiT batch (the mean change of the first block's output over every row), so
   a row's video would depend on its neighbours: with it the generator denoises one row (and its CFG pair) at a
   time (`batch_coupled`), which at full size costs nothing (one 5B video already fills an H200: 4 videos take 4x
@@ -14,14 +18,18 @@ them keep a batch of rows with different LoRAs equal to each row alone is what `
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import logging
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-STEP_CACHES = ("none", "pyramid_attention", "faster", "taylorseer", "first_block")
+STEP_CACHES = ("none", "pyramid_attention", "faster", "taylorseer", "first_block", "magcache")
 BATCH_COUPLED = {"first_block"}  # caches whose decision reads every row of the DiT batch together
+CALIBRATION_PROMPT = "a video"  # magcache's calibration input: fixed, so its table never depends on the rows
 
 
 def check_step_options(cache: str, interval: int, timesteps, threshold: float) -> None:
@@ -43,12 +51,15 @@ def _attention_patterns(backbone) -> list[str]:
     return [r"transformer_blocks\.\d+\.attn1"] if backbone.kind.startswith("cogvideox") else [r"blocks\.\d+\.attn1"]
 
 
-def cache_config(backbone, cache: str, interval: int, timesteps, threshold: float, steps: int, cfg: bool = True):
+def cache_config(backbone, cache: str, interval: int, timesteps, threshold: float, steps: int, cfg: bool = True,
+                 mag_ratios=None):
     """The diffusers hook config of one choice (None for "none"). `timesteps`: the window (0-1000 scale) where
-    attention outputs may be reused; outside it (the first, noisiest steps and the last ones) every step computes."""
+    attention outputs may be reused; outside it (the first, noisiest steps and the last ones) every step computes.
+    magcache takes `mag_ratios` from `StepCost.calibrate_magcache`; without them it is the calibration pass."""
     from diffusers.hooks import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
+        MagCacheConfig,
         PyramidAttentionBroadcastConfig,
         TaylorSeerCacheConfig,
     )
@@ -80,6 +91,15 @@ def cache_config(backbone, cache: str, interval: int, timesteps, threshold: floa
                                      cache_identifiers=_attention_patterns(backbone))
     if cache == "first_block":
         return FirstBlockCacheConfig(threshold=float(threshold))
+    if cache == "magcache":
+        # whole steps skipped (every block: the last computed residual is reused) while the accumulated change
+        # predicted by the calibrated ratios stays under `threshold`, at most `interval - 1` steps in a row; the
+        # steps before the window's upper timestep always compute (MagCache has no lower bound)
+        if mag_ratios is None:
+            return MagCacheConfig(calibrate=True, num_inference_steps=int(steps))
+        return MagCacheConfig(threshold=float(threshold), max_skip_steps=int(interval) - 1,
+                              retention_ratio=(1000 - window[1]) / 1000, num_inference_steps=int(steps),
+                              mag_ratios=list(mag_ratios))
     raise ValueError(f"step_cache={cache!r}: choose one of {', '.join(STEP_CACHES)}")
 
 
@@ -91,13 +111,16 @@ class StepCost:
         self.cache_key: tuple | None = None
         self.compiled = False
         self.fused = False
+        self.mag_ratios: dict[tuple, tuple[float, ...]] = {}  # (steps, cfg, frames, height, width) -> calibration
 
     @property
     def transformer(self):
         return self.backbone.transformer
 
-    def apply(self, config, steps: int, guidance_scale: float) -> None:
-        """Enable the cache, fused projections and compilation that `config` (a GenerationConfig) asks for."""
+    def apply(self, config, steps: int, guidance_scale: float, size: tuple = (), calibration_run=None) -> None:
+        """Enable the cache, fused projections and compilation that `config` (a GenerationConfig) asks for.
+        magcache: `calibration_run()` denoises the fixed calibration input at this call's `size` (frames, height,
+        width), once per size; its ratios then stay with this generator."""
         check_step_options(config.step_cache, config.step_cache_interval, config.step_cache_timesteps,
                            config.step_cache_threshold)
         if config.fuse_qkv and not self.fused:
@@ -114,13 +137,21 @@ class StepCost:
         key = (config.step_cache, int(config.step_cache_interval), tuple(config.step_cache_timesteps),
                float(config.step_cache_threshold), int(steps) if config.step_cache == "taylorseer" else 0,
                guidance_scale > 1)  # the pipelines run CFG for a scale above 1
+        ratios = None
+        if config.step_cache == "magcache":
+            at = (int(steps), guidance_scale > 1, *size)
+            if at not in self.mag_ratios:
+                self.mag_ratios[at] = self.calibrate_magcache(steps, calibration_run)
+            ratios = self.mag_ratios[at]
+            key = (*key, int(steps), ratios)
         if config.step_cache == "none":
             key = None
         if key != self.cache_key:
             if self.cache_key is not None:
                 self.transformer.disable_cache()
             hook = cache_config(self.backbone, config.step_cache, config.step_cache_interval,
-                                config.step_cache_timesteps, config.step_cache_threshold, steps, guidance_scale > 1)
+                                config.step_cache_timesteps, config.step_cache_threshold, steps, guidance_scale > 1,
+                                ratios)
             if hook is not None:
                 self.transformer.enable_cache(hook)
             self.cache_key = key
@@ -129,6 +160,42 @@ class StepCost:
         if config.compile_blocks and not self.compiled:
             compile_blocks(self.transformer)
             self.compiled = True
+
+    def calibrate_magcache(self, steps: int, calibration_run) -> tuple[float, ...]:
+        """diffusers' MagCache calibration pass (nothing skipped) over `calibration_run()`: the mean ratio of the
+        blocks' residual norm at each step to the one before, which diffusers reports through its logger."""
+        if calibration_run is None:
+            raise ValueError("step_cache='magcache' needs a calibration run (Video2LoRAGenerator.generate gives one)")
+        if self.cache_key is not None:
+            self.transformer.disable_cache()
+            self.cache_key = None
+        self.transformer.enable_cache(cache_config(self.backbone, "magcache", 2, (0, 1000), 1.0, steps))
+        records: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: records.append(record.getMessage())
+        mag_logger = logging.getLogger("diffusers.hooks.mag_cache")
+        level, propagate = mag_logger.level, mag_logger.propagate
+        mag_logger.setLevel(logging.INFO)
+        mag_logger.propagate = False  # ours alone, not diffusers' stderr handler
+        mag_logger.addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # diffusers also prints the table
+                calibration_run()
+        finally:
+            mag_logger.removeHandler(handler)
+            mag_logger.setLevel(level)
+            mag_logger.propagate = propagate
+            self.transformer.disable_cache()
+        # one table per cache context: CogVideoX runs CFG as one batch ("cond_uncond"), Wan as two calls ("cond",
+        # "uncond"); diffusers' MagCache takes one table for every context, so theirs is averaged step by step
+        tables = [ast.literal_eval(r.split(":", 1)[1].strip()) for r in records
+                  if r.startswith("MagCache Calibration Results:")]
+        if not tables or any(len(t) != int(steps) for t in tables):
+            raise RuntimeError(f"magcache calibration over {steps} steps gave tables of lengths "
+                               f"{[len(t) for t in tables]}")
+        ratios = tuple(sum(float(t[i]) for t in tables) / len(tables) for i in range(int(steps)))
+        logger.info("magcache calibrated over %d steps: %s", steps, ", ".join(f"{r:.3f}" for r in ratios))
+        return ratios
 
     @property
     def batch_coupled(self) -> bool:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -75,12 +76,16 @@ def row_split(effect: str) -> str:
 
 
 def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]:
-    """Fresh references per effect and, for each, a prompt of a fresh *other* scene. Writes refs/*.mp4."""
+    """Fresh references per effect and, for each, a prompt of a fresh *other* scene. Writes refs/*.mp4.
+
+    Every row is its own sample: its content scene is drawn for its effect (not shared with the other effects' rows)
+    and it has its own generation seed, so no two rows of an evaluation make the same no-LoRA video and the
+    standard errors count independent rows. Both depend only on (seed, effect, index), not on the other effects."""
     os.makedirs(os.path.join(out, "refs"), exist_ok=True)
     rows = []
     for effect in effects:
         refs = fx.make_dataset(seed, refs_per_effect, effects=[effect])
-        others = fx.make_dataset(seed + 7919, refs_per_effect * 3, effects=[fx.NONE])
+        others = fx.make_dataset(row_seed(seed + 7919, effect, 0), refs_per_effect * 3, effects=[fx.NONE])
         others = [o for o in others if all(o["prompt"] != r["prompt"] for r in refs)]
         for i, ref in enumerate(refs):
             content = others[i % len(others)]
@@ -90,8 +95,13 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
             rows.append({"name": name, "effect": effect, "split": row_split(effect),
                          "reference_uri": uri, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
                          "shape": content["shape"], "colour": content["colour"], "background": content["background"],
-                         "seed": seed * 1000 + i})
+                         "seed": row_seed(seed, effect, i)})
     return rows
+
+
+def row_seed(seed: int, effect: str, index: int) -> int:
+    """A generation seed of its own for row `index` of `effect` (31 bits, from the names: stable across runs)."""
+    return zlib.crc32(f"{seed}/{effect}/{index}".encode()) & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------- scoring
