@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from pipelines.config import add_step_cost_args, step_cost_overrides  # noqa: E402
 from video2lora.effects.evaluation import (  # noqa: E402
-    QUICK_EFFECTS, SPLITS, build_rows, contact_sheets, mean_se, score, table, train_judge)
+    QUICK_EFFECTS, ROW_PROTOCOL, SPLITS, build_rows, contact_sheets, mean_se, score, table, train_judge)
 
 logger = logging.getLogger("evaluate")
 
@@ -208,7 +208,7 @@ def evaluate(a: argparse.Namespace) -> dict:
             cells[f"{m}/psnr_against"] = c
     sheets = contact_sheets(rows, results, a.output)
     report = {"checkpoint": a.checkpoint, "backbone": backbone, "classifier": classifier, "seed": a.seed,
-              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "generation": run["generation"],
+              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "row_protocol": ROW_PROTOCOL, "generation": run["generation"],
               "table": cells, "rows": results, "sheets": sheets, "wall_s": time.perf_counter() - start}
     ck = storage.join(classifier, "report.json")
     if storage.exists(ck):

@@ -242,7 +242,7 @@ def candidates(paths) -> list[tuple[int, str]]:
 def stage_select(a, paths) -> None:
     """Every kept checkpoint on the validation seed; the best by `selection_score` (ties: fewer steps) becomes
     the run's checkpoint. The test seed is not looked at here."""
-    from video2lora.effects.evaluation import selection_markdown, selection_score
+    from video2lora.effects.evaluation import ROW_PROTOCOL, selection_markdown, selection_score
     from video2lora.effects.world import resolve_effects
 
     rows, best, evaluated = [], None, resolve_effects(world_labels(a)[2])
@@ -250,13 +250,14 @@ def stage_select(a, paths) -> None:
         out = os.path.join(paths["select"], f"seed-{a.val_seed}", f"step-{step}")
         done = os.path.join(out, "results.json")
         earlier = json.load(open(done)) if os.path.exists(done) else {}  # reused if it scored this very checkpoint
-        same = [earlier.get(k) for k in ("checkpoint", "refs_per_effect", "effects")] == [model, a.refs_per_effect, evaluated]
+        same = [earlier.get(k) for k in ("checkpoint", "refs_per_effect", "effects", "row_protocol")] == [
+            model, a.refs_per_effect, evaluated, ROW_PROTOCOL]
         if earlier and (a.force or not same):
             shutil.rmtree(out)
         if not os.path.exists(done):
             run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
                  "--classifier", paths["classifier"], "--seed", str(a.val_seed), "--refs-per-effect",
-                 str(a.refs_per_effect), "--no-per-effect", "--output", out, "--threads", str(a.threads),
+                 str(a.refs_per_effect), "--no-per-effect", "--output", out, "--threads", str(a.threads), "--step-cache", "none",
                  "--effects", world_labels(a)[2]])
         with open(done) as f:
             cells = json.load(f)["table"]
@@ -277,7 +278,7 @@ def stage_select(a, paths) -> None:
 def stage_evaluate(a, paths) -> None:
     run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
          "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.test_seed),
-         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads),
+         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads), "--step-cache", "none",
          "--effects", world_labels(a)[2]])
 
 

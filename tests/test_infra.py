@@ -650,6 +650,11 @@ def test_entrypoints_parse(rendered, values):
     assert got == {"step_cache": values["STEP_CACHE"], "step_cache_interval": values["STEP_CACHE_INTERVAL"],
                    "step_cache_threshold": values["STEP_CACHE_THRESHOLD"], "compile_blocks": values["COMPILE_BLOCKS"] == "on",
                    "fuse_qkv": values["FUSE_QKV"] == "on"}
+    from video2lora.config import GenerationConfig
+
+    shipped = GenerationConfig()  # the values' per-run default is the library's measured default
+    assert (values["STEP_CACHE"], values["STEP_CACHE_INTERVAL"], values["STEP_CACHE_THRESHOLD"]) == (
+        shipped.step_cache, shipped.step_cache_interval, shipped.step_cache_threshold)
     # what the job asks for adds up to the GPU worker group's capacity
     gpus = values["NUM_GEN_ACTORS"] * values["GEN_NUM_GPUS"] + values["NUM_HYPER_ACTORS"] * values["HYPER_NUM_GPUS"]
     assert gpus <= values["GPU_WORKERS_MAX"] * values["GPUS_PER_WORKER"]

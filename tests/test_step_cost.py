@@ -15,8 +15,8 @@ from video2lora.generate import GenerationRequest, Video2LoRAGenerator
 from video2lora.lightlora import FusedLightLoRALinear, LayerLoRA, LightLoRALinear
 
 # 4 DDIM steps (timesteps 999, 749, 499, 249): steps 2-4 lie in the cache window, so every cache reuses something
-GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=4, guidance_scale=6.0,
-                       step_cache_timesteps=(100, 800))
+GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=4, guidance_scale=6.0, step_cache="none",
+                       step_cache_interval=2, step_cache_timesteps=(100, 800))
 PROMPTS = ["a red circle", "a blue square", "a green ring"]
 
 

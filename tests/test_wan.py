@@ -13,7 +13,8 @@ from video2lora.export import check_lora_file, export_lora_bytes
 from video2lora.generate import GenerationRequest, Video2LoRAGenerator, new_model_for
 from video2lora.lightlora import inject_lightlora, per_sample_loras, remove_lightlora
 
-GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=3, guidance_scale=6.0)
+# the paper's sampler exactly (no step cache): these tests compare against the stock diffusers pipeline
+GEN = GenerationConfig(num_frames=9, height=32, width=32, steps=3, guidance_scale=6.0, step_cache="none")
 
 
 @pytest.fixture(scope="module")

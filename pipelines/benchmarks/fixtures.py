@@ -11,13 +11,15 @@ PRESETS = ("tiny", "small")  # benchmark names of video2lora.presets' tiny-cogvi
 
 
 def save_backbone(preset: str, directory: str, seed: int = 0) -> tuple[str, dict]:
-    """Build a seeded preset as a diffusers pipeline directory; returns (directory, its generation settings)."""
+    """Build a seeded preset as a diffusers pipeline directory; returns (directory, its generation settings). The
+    settings run the paper's sampler exactly (no step cache): every item compares like with like against stock
+    loops; item 8 measures the caches, the shipped default among them."""
     from video2lora.presets import get_preset, save_preset
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
     name = f"{preset}-cogvideox"
-    return save_preset(name, directory, seed=seed), dict(get_preset(name).generation)
+    return save_preset(name, directory, seed=seed), {**get_preset(name).generation, "step_cache": "none"}
 
 
 def save_checkpoint(backbone_dir: str, directory: str, seed: int = 0, head_std: float = 0.05) -> str:
