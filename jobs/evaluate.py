@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -61,6 +62,11 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
             manifest.append({"sample_id": f"{method}__{r['name']}", "reference_uri": r["reference_uri"],
                              "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
     path = os.path.join(out, "manifest.parquet")
+    if os.path.exists(path) and not pd.read_parquet(path).equals(pd.DataFrame(manifest)):
+        # the batch job resumes by sample id: the videos of other rows (another seed, effect set or row protocol)
+        # under the same names would be taken as done. They belong to the earlier evaluation: made again
+        logger.warning("%s holds an evaluation of other rows: its videos are made again", out)
+        shutil.rmtree(os.path.join(out, "gen"), ignore_errors=True)
     pd.DataFrame(manifest).to_parquet(path, index=False)
     g = GenerationConfig(**(step_cost or {}))
     explicit = set()
@@ -84,14 +90,17 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
                           if k.startswith(("step_cache", "compile", "fuse"))}}
 
 
-def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int) -> None:
-    """per_effect_lora rows through the library's generator: the same backbone, sampler, seeds and settings."""
+def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int,
+                   step_cost: dict) -> None:
+    """per_effect_lora rows through the library's generator: the same backbone, sampler (step cache included),
+    seeds and settings as the other methods' rows."""
+    from video2lora.config import GenerationConfig
     from video2lora.effects.baselines import PerEffectLoRAs
     from video2lora.generate import GenerationRequest, Video2LoRAGenerator
     from video2lora.video_io import write_video
 
     loras = PerEffectLoRAs.load(loras_uri)
-    generator = Video2LoRAGenerator.from_pretrained(backbone_uri, None)
+    generator = Video2LoRAGenerator.from_pretrained(backbone_uri, None, GenerationConfig(**step_cost))
     if generator.adapted_layers(loras.layer_names) != loras.layer_names:
         raise ValueError(f"the per-effect LoRAs at {loras_uri} adapt layers this backbone does not have in that order")
     todo = [r for r in rows if r["effect"] in loras.effects]
@@ -186,7 +195,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     if a.no_per_effect:
         logger.info("per-effect LoRA baseline skipped (--no-per-effect)")
     elif storage.exists(loras):
-        run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size)
+        run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size, run["step_cost"])
         methods.append("per_effect_lora")
     else:
         logger.warning("no per-effect LoRAs at %s: that baseline is skipped", loras)

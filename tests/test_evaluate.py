@@ -115,3 +115,28 @@ def test_rows_are_independent_samples(tmp_path):
     alone = build_rows(str(tmp_path / "b"), 5, effects[1:2], 3)
     assert [(r["prompt"], r["seed"]) for r in alone] == by_effect[effects[1]]
     assert build_rows(str(tmp_path / "c"), 6, effects[1:2], 3)[0]["seed"] != alone[0]["seed"]  # a new seed, new rows
+
+
+def test_rerun_with_other_rows_makes_its_videos_again(quick_run, tmp_path):
+    """The batch job resumes by sample id; an evaluation of other rows (here another seed) into the same --output
+    must not take the earlier rows' videos as its own."""
+    import shutil
+
+    from video2lora.video_io import read_video
+
+    first, _, report = quick_run
+    out = tmp_path / "again"
+    shutil.copytree(first, out)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "jobs/evaluate.py", "--quick", "--seed", "4", "--output", str(out),
+                           "--no-per-effect"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "holds an evaluation of other rows" in proc.stderr
+    again = json.loads((out / "results.json").read_text())
+    old = {r["name"]: r for r in report["rows"] if r["method"] == "no_lora"}
+    for r in again["rows"]:
+        if r["method"] == "no_lora" and r["name"] in old:
+            assert r["seed"] != old[r["name"]]["seed"]
+            a, b = read_video(r["video"], 9, 32, 32), read_video(os.path.join(first, "gen", "videos", os.path.basename(r["video"])), 9, 32, 32)
+            assert (a - b).abs().mean() > 0.01  # made again from its own seed, not the earlier file

@@ -121,6 +121,7 @@ def test_a_given_backbone_and_judge_are_used_as_they_are(commands, tmp_path, cap
 
 
 def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatch, tmp_path):
+    from video2lora.effects.evaluation import ROW_PROTOCOL
     from video2lora.effects.world import resolve_effects
 
     p = paths_for(tmp_path)
@@ -133,7 +134,7 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
 
     def fake_evaluate(cmd, env=None):
         seeds.append(arg(cmd, "--seed"))
-        assert "--no-per-effect" in cmd
+        assert "--no-per-effect" in cmd and arg(cmd, "--step-cache") == "none"  # the method on the exact sampler
         step = json.loads(open(os.path.join(arg(cmd, "--checkpoint"), "config.json")).read())["step"]
         seen, held = accuracy[step]
         cell = lambda acc: {"rows": 56, "effect_accuracy": acc, "effect_accuracy_se": 0.05,  # noqa: E731
@@ -141,7 +142,7 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
         os.makedirs(arg(cmd, "--output"))
         with open(os.path.join(arg(cmd, "--output"), "results.json"), "w") as f:
             json.dump({"checkpoint": arg(cmd, "--checkpoint"), "refs_per_effect": int(arg(cmd, "--refs-per-effect")),
-                       "effects": resolve_effects(arg(cmd, "--effects")),
+                       "effects": resolve_effects(arg(cmd, "--effects")), "row_protocol": ROW_PROTOCOL,
                        "table": {"video2lora/seen": cell(seen), "video2lora/held-out": cell(held),
                                  "no_lora/seen": cell(0.0), "no_lora/held-out": cell(0.0)}}, f)
 
@@ -160,8 +161,16 @@ def test_select_compares_every_checkpoint_on_the_validation_seed_only(monkeypatc
     assert seeds == ["11"] * 4 + ["12"] * 4
     recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12", "--force"]), p)
     assert seeds == ["11"] * 4 + ["12"] * 8
+    # a score drawn under an earlier row protocol (rows that shared content and seeds) is not reused
+    done = os.path.join(p["select"], "seed-12", "step-500", "results.json")
+    with open(done) as f:
+        old = json.load(f)
+    with open(done, "w") as f:
+        json.dump({**old, "row_protocol": ROW_PROTOCOL - 1}, f)
+    recipe.stage_select(recipe.parse_args(["--world", "combo", "--val-seed", "12"]), p)
+    assert seeds == ["11"] * 4 + ["12"] * 9
     recipe.stage_select(recipe.parse_args(["--world", "families", "--val-seed", "12"]), p)
-    assert seeds == ["11"] * 4 + ["12"] * 12
+    assert seeds == ["11"] * 4 + ["12"] * 13
 
 
 def test_ship_can_reuse_the_shipped_backbone_it_replaces(monkeypatch, tmp_path):
