@@ -62,12 +62,6 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
             manifest.append({"sample_id": f"{method}__{r['name']}", "reference_uri": r["reference_uri"],
                              "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
     path = os.path.join(out, "manifest.parquet")
-    if os.path.exists(path) and not pd.read_parquet(path).equals(pd.DataFrame(manifest)):
-        # the batch job resumes by sample id: the videos of other rows (another seed, effect set or row protocol)
-        # under the same names would be taken as done. They belong to the earlier evaluation: made again
-        logger.warning("%s holds an evaluation of other rows: its videos are made again", out)
-        shutil.rmtree(os.path.join(out, "gen"), ignore_errors=True)
-    pd.DataFrame(manifest).to_parquet(path, index=False)
     g = GenerationConfig(**(step_cost or {}))
     explicit = set()
     if steps:
@@ -77,6 +71,19 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     cfg = BatchJobConfig(backbone=backbone, checkpoint=checkpoint, output=os.path.join(out, "gen"), generation=g,
                          batch_size=batch_size, hyper_batch_size=batch_size)
     cfg = apply_backbone_defaults(cfg, explicit)
+    # the batch job resumes by sample id: videos made for other rows (another seed, effect set or row protocol) or
+    # by another model or sampler would be taken as done under the same names. They belong to that earlier
+    # evaluation and are made again
+    signature = json.dumps({"rows": manifest, "checkpoint": checkpoint, "backbone": backbone,
+                            "generation": dataclasses.asdict(cfg.generation)}, sort_keys=True, default=str)
+    signed = os.path.join(out, "gen_signature.json")
+    if os.path.exists(os.path.join(out, "gen")) and (
+            not os.path.exists(signed) or open(signed).read() != signature):
+        logger.warning("%s holds an evaluation of other rows, model or sampler: its videos are made again", out)
+        shutil.rmtree(os.path.join(out, "gen"))
+    pd.DataFrame(manifest).to_parquet(path, index=False)
+    with open(signed, "w") as f:
+        f.write(signature)
     init_ray(log_to_driver=False, include_dashboard=False)
     summary = run_batch_job(path, cfg, progress=True)
     if summary["failed"]:  # a table over the rows that happened to work would mislead: stop, naming the cause
@@ -165,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-per-effect", action="store_true", help="skip the per-effect LoRA baseline")
     p.add_argument("--against", default="", help="an earlier evaluation's output dir (same seed and effects): PSNR "
                    "of every generated video against the same row's video there, e.g. an uncached run")
-    add_step_cost_args(p)
+    add_step_cost_args(p, cache_default="none")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     p.add_argument("--train-classifier", action="store_true", help="train the judge instead (see --classifier-*)")
     p.add_argument("--classifier-train", default="outputs/effects/classifier-data/clips.parquet")
@@ -190,7 +197,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     rows = build_rows(a.output, a.seed, effects, k)
     logger.info("%d rows (%d effects x %d references), 3 methods", len(rows), len(effects), k)
     run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale,
-                       step_cost_overrides(a))
+                       {"step_cache": "none", **step_cost_overrides(a)})  # the paper's sampler unless asked
     methods = ["video2lora", "no_lora"]
     if a.no_per_effect:
         logger.info("per-effect LoRA baseline skipped (--no-per-effect)")

@@ -61,13 +61,14 @@ def with_placement(cfg: BatchJobConfig, cluster_gpus: float) -> BatchJobConfig:
 
 
 # ---- the step-cost flags of the jobs (jobs/batch_generate.py, jobs/evaluate.py): GenerationConfig's fields
-def add_step_cost_args(p) -> None:
+def add_step_cost_args(p, cache_default: str | None = None) -> None:
     """`--step-cache`, `--step-cache-interval`, `--step-cache-threshold`, `--step-cache-timesteps`,
-    `--compile-blocks on|off`, `--fuse-qkv on|off`; unset flags keep GenerationConfig's defaults."""
+    `--compile-blocks on|off`, `--fuse-qkv on|off`; unset flags keep GenerationConfig's defaults (the step cache:
+    `cache_default` where the caller sets another, e.g. the evaluation's exact sampler)."""
     from video2lora.backbones.step_cost import STEP_CACHES
 
     g = GenerationConfig()
-    p.add_argument("--step-cache", default=None, choices=STEP_CACHES, help=f"diffusers step cache (default: {g.step_cache})")
+    p.add_argument("--step-cache", default=None, choices=STEP_CACHES, help=f"diffusers step cache (default: {cache_default or g.step_cache})")
     p.add_argument("--step-cache-interval", type=int, default=None,
                    help=f"compute every Nth step (pyramid_attention, faster, taylorseer; magcache: at least every "
                         f"Nth; default {g.step_cache_interval})")

@@ -140,3 +140,10 @@ def test_rerun_with_other_rows_makes_its_videos_again(quick_run, tmp_path):
             assert r["seed"] != old[r["name"]]["seed"]
             a, b = read_video(r["video"], 9, 32, 32), read_video(os.path.join(first, "gen", "videos", os.path.basename(r["video"])), 9, 32, 32)
             assert (a - b).abs().mean() > 0.01  # made again from its own seed, not the earlier file
+    # the same rows with another sampler: made again too; the same rows and sampler again: resumed, nothing made
+    for extra, remade in ((["--step-cache", "magcache"], True), (["--step-cache", "magcache"], False)):
+        proc = subprocess.run([sys.executable, "jobs/evaluate.py", "--quick", "--seed", "4", "--output", str(out),
+                               "--no-per-effect", *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert ("holds an evaluation of other rows" in proc.stderr) is remade
+        assert ("8 to do, 0 done earlier" in proc.stderr) is remade and ("0 to do, 8 done earlier" in proc.stderr) is not remade

@@ -153,8 +153,9 @@ def test_magcache_calibrates_once_per_size_on_a_fixed_input(tiny_backbone_dir):
     other.generate([GenerationRequest("a blue square", reference=random_clips(1, seed=5)[0], seed=7)])
     got = other.generate([req])[0]
     assert torch.equal(got, want)
-    assert list(other.step_cost.mag_ratios) == [(GEN.steps, True, 9, 32, 32)]
-    ratios = other.step_cost.mag_ratios[(GEN.steps, True, 9, 32, 32)]
+    assert list(other.step_cost.mag_ratios) == [(GEN.steps, GEN.guidance_scale, 9, 32, 32)]
+    ratios = other.step_cost.mag_ratios[(GEN.steps, GEN.guidance_scale, 9, 32, 32)]
     assert len(ratios) == GEN.steps and ratios[0] == 1.0 and all(r > 0 for r in ratios)
     other.generate([GenerationRequest("a blue square", seed=2)], num_frames=5)
-    assert len(other.step_cost.mag_ratios) == 2
+    other.generate([GenerationRequest("a blue square", seed=2)], guidance_scale=3.0)  # another CFG scale: its own
+    assert len(other.step_cost.mag_ratios) == 3

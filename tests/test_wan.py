@@ -193,7 +193,7 @@ def test_magcache_with_separate_cfg_calls(wan_dir):
     reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(["a red circle", "a blue square"], refs, [1, 2])]
     batch = gen.generate(reqs)
     first, calls["n"] = calls["n"], 0
-    ratios = gen.step_cost.mag_ratios[(6, True, 9, 32, 32)]
+    ratios = gen.step_cost.mag_ratios[(6, GEN.guidance_scale, 9, 32, 32)]
     assert len(ratios) == 6 and ratios[0] == 1.0
     for req, video in zip(reqs, batch):
         alone = gen.generate([req])[0]

@@ -89,7 +89,7 @@ class GenerationConfig:
     # taylorseer | first_block | magcache. `interval`: attention recomputed every Nth step (pyramid_attention,
     # faster, taylorseer), or at most N-1 steps reused in a row (magcache); `timesteps`: the window (0-1000 scale)
     # where outputs may be reused; `threshold`: first_block's relative change, or magcache's error budget.
-    # Default: magcache 0.5, at least every 4th step, steps above timestep 800 always computed: 0.4x the DiT
+    # Default: magcache 0.5, at least every 4th step, the first fifth of the steps always computed: 0.4x the DiT
     # compute of the stock pipeline on the small preset, and effect accuracy and content fidelity within one
     # standard error of the exact sampler on three evaluation seeds; "none" is the paper's sampler exactly
     step_cache: str = "magcache"

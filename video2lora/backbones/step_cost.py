@@ -94,7 +94,8 @@ def cache_config(backbone, cache: str, interval: int, timesteps, threshold: floa
     if cache == "magcache":
         # whole steps skipped (every block: the last computed residual is reused) while the accumulated change
         # predicted by the calibrated ratios stays under `threshold`, at most `interval - 1` steps in a row; the
-        # steps before the window's upper timestep always compute (MagCache has no lower bound)
+        # first (1000 - high) / 1000 of the steps always compute (a share of the steps, not timesteps: on a shifted
+        # schedule such as Wan's these are not exactly the steps above `high`); MagCache has no lower bound
         if mag_ratios is None:
             return MagCacheConfig(calibrate=True, num_inference_steps=int(steps))
         return MagCacheConfig(threshold=float(threshold), max_skip_steps=int(interval) - 1,
@@ -111,7 +112,7 @@ class StepCost:
         self.cache_key: tuple | None = None
         self.compiled = False
         self.fused = False
-        self.mag_ratios: dict[tuple, tuple[float, ...]] = {}  # (steps, cfg, frames, height, width) -> calibration
+        self.mag_ratios: dict[tuple, tuple[float, ...]] = {}  # (steps, CFG scale, frames, height, width) -> ratios
 
     @property
     def transformer(self):
@@ -139,7 +140,7 @@ class StepCost:
                guidance_scale > 1)  # the pipelines run CFG for a scale above 1
         ratios = None
         if config.step_cache == "magcache":
-            at = (int(steps), guidance_scale > 1, *size)
+            at = (int(steps), float(guidance_scale), *size)  # the ratios change with the CFG scale
             if at not in self.mag_ratios:
                 self.mag_ratios[at] = self.calibrate_magcache(steps, calibration_run)
             ratios = self.mag_ratios[at]
@@ -188,8 +189,11 @@ class StepCost:
             self.transformer.disable_cache()
         # one table per cache context: CogVideoX runs CFG as one batch ("cond_uncond"), Wan as two calls ("cond",
         # "uncond"); diffusers' MagCache takes one table for every context, so theirs is averaged step by step
-        tables = [ast.literal_eval(r.split(":", 1)[1].strip()) for r in records
-                  if r.startswith("MagCache Calibration Results:")]
+        try:
+            tables = [ast.literal_eval(r.split(":", 1)[1].strip()) for r in records
+                      if r.startswith("MagCache Calibration Results:")]
+        except (ValueError, SyntaxError) as e:  # e.g. a nan ratio: a table no skip decision can use
+            raise RuntimeError(f"magcache calibration over {steps} steps gave an unusable table: {e}") from None
         if not tables or any(len(t) != int(steps) for t in tables):
             raise RuntimeError(f"magcache calibration over {steps} steps gave tables of lengths "
                                f"{[len(t) for t in tables]}")
