@@ -23,7 +23,7 @@ from video2lora.effects.evaluation import psnr
 logger = logging.getLogger("benchmark")
 
 # name -> GenerationConfig overrides, each cache at the setting measured best on the trained effects backbone
-# (docs/BENCHMARKS.md item 8); "default" is GenerationConfig() as shipped (magcache 0.5, at least every 4th step)
+# (docs/BENCHMARKS.md item 8); "default" is GenerationConfig() as shipped (magcache 0.3, at least every 4th step)
 OFF = dict(step_cache="none", compile_blocks=False, fuse_qkv=False)
 OPTIONS = {
     "none": OFF,
@@ -35,8 +35,8 @@ OPTIONS = {
     "compile": {**OFF, "compile_blocks": True},
     "fused": {**OFF, "fuse_qkv": True},
     "first_block+fused": {**OFF, "step_cache": "first_block", "step_cache_threshold": 0.4, "fuse_qkv": True},
-    # magcache around the shipped default (0.5, at least every 4th step): gentler and harsher
-    "magcache_0.3": {**OFF, "step_cache": "magcache", "step_cache_threshold": 0.3, "step_cache_interval": 4,
+    # magcache around the shipped default (0.3, at least every 4th step): harsher
+    "magcache_0.5": {**OFF, "step_cache": "magcache", "step_cache_threshold": 0.5, "step_cache_interval": 4,
                      "step_cache_timesteps": (100, 800)},
     "magcache_1.0_every6": {**OFF, "step_cache": "magcache", "step_cache_threshold": 1.0, "step_cache_interval": 6,
                             "step_cache_timesteps": (100, 800)},
