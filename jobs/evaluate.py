@@ -77,8 +77,11 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     signature = json.dumps({"rows": manifest, "checkpoint": checkpoint, "backbone": backbone,
                             "generation": dataclasses.asdict(cfg.generation)}, sort_keys=True, default=str)
     signed = os.path.join(out, "gen_signature.json")
-    if os.path.exists(os.path.join(out, "gen")) and (
-            not os.path.exists(signed) or open(signed).read() != signature):
+    earlier = None
+    if os.path.exists(signed):
+        with open(signed) as f:
+            earlier = f.read()
+    if os.path.exists(os.path.join(out, "gen")) and earlier != signature:
         logger.warning("%s holds an evaluation of other rows, model or sampler: its videos are made again", out)
         shutil.rmtree(os.path.join(out, "gen"))
     pd.DataFrame(manifest).to_parquet(path, index=False)

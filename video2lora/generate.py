@@ -228,7 +228,6 @@ class Video2LoRAGenerator:
         timings.add("decode", time.perf_counter() - start)
         return list(videos)
 
-
     def calibration_run(self, num_frames, height, width, steps, guidance_scale) -> None:
         """The bare backbone on a fixed input (a step cache's calibration): the same every time, whatever the rows."""
         image = torch.zeros(1, 3, height, width) if self.backbone.is_i2v else None

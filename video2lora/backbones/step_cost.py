@@ -136,7 +136,7 @@ class StepCost:
         elif not config.fuse_qkv and self.fused:
             raise ValueError("fuse_qkv cannot be turned off on a generator that fused its projections; make a new one")
         key = (config.step_cache, int(config.step_cache_interval), tuple(config.step_cache_timesteps),
-               float(config.step_cache_threshold), int(steps) if config.step_cache == "taylorseer" else 0,
+               float(config.step_cache_threshold), int(steps) if config.step_cache in ("taylorseer", "magcache") else 0,
                guidance_scale > 1)  # the pipelines run CFG for a scale above 1
         ratios = None
         if config.step_cache == "magcache":
@@ -144,7 +144,7 @@ class StepCost:
             if at not in self.mag_ratios:
                 self.mag_ratios[at] = self.calibrate_magcache(steps, calibration_run)
             ratios = self.mag_ratios[at]
-            key = (*key, int(steps), ratios)
+            key = (*key, ratios)
         if config.step_cache == "none":
             key = None
         if key != self.cache_key:
