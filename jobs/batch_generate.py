@@ -22,7 +22,7 @@ from pipelines import defaults  # noqa: E402
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
 from pipelines.common import ManifestError, SetupError, hide_known_ray_notices, init_ray  # noqa: E402
 from pipelines.config import BatchJobConfig, add_step_cost_args, step_cost_overrides  # noqa: E402
-from video2lora.backbones.step_cost import check_step_options  # noqa: E402
+from video2lora.backbones.step_cost import step_options  # noqa: E402
 from video2lora.config import GenerationConfig  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def config_from_args(a: argparse.Namespace) -> BatchJobConfig:
         if getattr(a, name) is not None:
             setattr(g, name, getattr(a, name))
     g = dataclasses.replace(g, **step_cost_overrides(a))
-    check_step_options(g.step_cache, g.step_cache_interval, g.step_cache_timesteps, g.step_cache_threshold)
+    step_options(g)  # settings no cache can take fail here, before Ray starts
     cfg = BatchJobConfig(
         backbone=backbone, checkpoint=checkpoint, output=a.output, generation=g, batch_size=a.batch_size,
         hyper_batch_size=a.hyper_batch_size, num_hyper_actors=a.num_hyper_actors, num_gen_actors=a.num_gen_actors,

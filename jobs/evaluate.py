@@ -47,18 +47,19 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 # --------------------------------------------------------------------------------------------- generation
 def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance,
-                 step_cost: dict | None = None) -> dict:
+                 step_cost: dict | None = None, lora_strength: float = 1.0) -> dict:
     """video2lora + no_lora rows through the Ray batch pipeline (one job; strength 0 = the bare backbone)."""
     import pandas as pd
 
     from pipelines.batch import apply_backbone_defaults, run_batch_job
     from pipelines.common import init_ray
     from pipelines.config import BatchJobConfig
+    from video2lora.backbones.step_cost import resolved
     from video2lora.config import GenerationConfig
 
     manifest = []
     for r in rows:
-        for method, strength in (("video2lora", 1.0), ("no_lora", 0.0)):
+        for method, strength in (("video2lora", lora_strength), ("no_lora", 0.0)):
             manifest.append({"sample_id": f"{method}__{r['name']}", "reference_uri": r["reference_uri"],
                              "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
     path = os.path.join(out, "manifest.parquet")
@@ -96,12 +97,12 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     return {"summary": summary, "generation": dict(num_frames=cfg.generation.num_frames, height=cfg.generation.height,
                                                    width=cfg.generation.width, steps=cfg.generation.steps,
                                                    guidance_scale=cfg.generation.guidance_scale),
-            "step_cost": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
+            "step_cost": {k: v for k, v in dataclasses.asdict(resolved(cfg.generation)).items()
                           if k.startswith(("step_cache", "compile", "fuse"))}}
 
 
 def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int,
-                   step_cost: dict) -> None:
+                   step_cost: dict, lora_strength: float = 1.0) -> None:
     """per_effect_lora rows through the library's generator: the same backbone, sampler (step cache included),
     seeds and settings as the other methods' rows."""
     from video2lora.config import GenerationConfig
@@ -117,7 +118,8 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
     os.makedirs(os.path.join(out, "gen", "videos"), exist_ok=True)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        requests = [GenerationRequest(r["prompt"], negative_prompt="", seed=r["seed"], lora_strength=1.0) for r in chunk]
+        requests = [GenerationRequest(r["prompt"], negative_prompt="", seed=r["seed"], lora_strength=lora_strength)
+                    for r in chunk]
         layer_loras = loras.loras(loras.index([r["effect"] for r in chunk]))
         for r, v in zip(chunk, generator.generate(requests, layer_loras=layer_loras, **gen)):
             write_video(os.path.join(out, "gen", "videos", f"per_effect_lora__{r['name']}.mp4"), v)
@@ -171,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"CI: effects {','.join(QUICK_EFFECTS)}, one reference each")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--lora-strength", type=float, default=1.0,
+                   help="scale of the video2lora and per-effect LoRAs (1: as trained; no_lora rows stay at 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-per-effect", action="store_true", help="skip the per-effect LoRA baseline")
     p.add_argument("--against", default="", help="an earlier evaluation's output dir (same seed and effects): PSNR "
@@ -200,12 +204,14 @@ def evaluate(a: argparse.Namespace) -> dict:
     rows = build_rows(a.output, a.seed, effects, k)
     logger.info("%d rows (%d effects x %d references), 3 methods", len(rows), len(effects), k)
     run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale,
-                       {"step_cache": "none", **step_cost_overrides(a)})  # the paper's sampler unless asked
+                       {"step_cache": "none", **step_cost_overrides(a)},  # the paper's sampler unless asked
+                       lora_strength=a.lora_strength)
     methods = ["video2lora", "no_lora"]
     if a.no_per_effect:
         logger.info("per-effect LoRA baseline skipped (--no-per-effect)")
     elif storage.exists(loras):
-        run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size, run["step_cost"])
+        run_per_effect(rows, a.output, backbone, loras, run["generation"], a.batch_size, run["step_cost"],
+                       a.lora_strength)
         methods.append("per_effect_lora")
     else:
         logger.warning("no per-effect LoRAs at %s: that baseline is skipped", loras)
@@ -227,7 +233,8 @@ def evaluate(a: argparse.Namespace) -> dict:
             cells[f"{m}/psnr_against"] = c
     sheets = contact_sheets(rows, results, a.output)
     report = {"checkpoint": a.checkpoint, "backbone": backbone, "classifier": classifier, "seed": a.seed,
-              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "row_protocol": ROW_PROTOCOL, "generation": run["generation"],
+              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "row_protocol": ROW_PROTOCOL,
+              "lora_strength": a.lora_strength, "generation": run["generation"],
               "table": cells, "rows": results, "sheets": sheets, "wall_s": time.perf_counter() - start}
     ck = storage.join(classifier, "report.json")
     if storage.exists(ck):

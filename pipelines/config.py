@@ -65,20 +65,34 @@ def add_step_cost_args(p, cache_default: str | None = None) -> None:
     """`--step-cache`, `--step-cache-interval`, `--step-cache-threshold`, `--step-cache-timesteps`,
     `--compile-blocks on|off`, `--fuse-qkv on|off`; unset flags keep GenerationConfig's defaults (the step cache:
     `cache_default` where the caller sets another, e.g. the evaluation's exact sampler)."""
-    from video2lora.backbones.step_cost import STEP_CACHES
+    from video2lora.backbones.step_cost import CACHE_DEFAULTS, STEP_CACHES
 
     g = GenerationConfig()
+
+    def measured(field):
+        return ", ".join(f"{c} {d[field] if field != 'timesteps' else ','.join(map(str, d[field]))}"
+                         for c, d in CACHE_DEFAULTS.items() if field in d)
+
     p.add_argument("--step-cache", default=None, choices=STEP_CACHES, help=f"diffusers step cache (default: {cache_default or g.step_cache})")
-    p.add_argument("--step-cache-interval", type=int, default=None,
+    p.add_argument("--step-cache-interval", type=_auto(int), default=None,
                    help=f"compute every Nth step (pyramid_attention, faster, taylorseer; magcache: at least every "
-                        f"Nth; default {g.step_cache_interval})")
-    p.add_argument("--step-cache-threshold", type=float, default=None,
+                        f"Nth; default, or auto: the cache's measured setting, {measured('interval')})")
+    p.add_argument("--step-cache-threshold", type=_auto(float), default=None,
                    help=f"first_block: reuse while the first block changes less than this; magcache: while the "
-                        f"accumulated calibrated change stays under this (default {g.step_cache_threshold})")
+                        f"accumulated calibrated change stays under this (default, or auto: {measured('threshold')})")
     p.add_argument("--step-cache-timesteps", default=None, metavar="LOW,HIGH",
-                   help=f"timestep window (0-1000) where outputs may be reused (default {','.join(map(str, g.step_cache_timesteps))})")
+                   help=f"timestep window (0-1000) where outputs may be reused (default, or auto: {measured('timesteps')})")
     p.add_argument("--compile-blocks", default=None, choices=("on", "off"), help="torch.compile each DiT block")
     p.add_argument("--fuse-qkv", default=None, choices=("on", "off"), help="fused q/k/v projections with the LoRAs")
+
+
+def _auto(kind):
+    """An argparse type: a number, or `auto` for the chosen cache's measured setting (None)."""
+    def parse(text: str):
+        return None if text.strip().lower() == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def step_cost_overrides(a) -> dict:
@@ -87,7 +101,7 @@ def step_cost_overrides(a) -> dict:
     for name in ("step_cache", "step_cache_interval", "step_cache_threshold"):
         if getattr(a, name, None) is not None:
             out[name] = getattr(a, name)
-    if getattr(a, "step_cache_timesteps", None):
+    if getattr(a, "step_cache_timesteps", None) and a.step_cache_timesteps.strip().lower() != "auto":
         try:
             low, high = (int(v) for v in a.step_cache_timesteps.split(","))
         except ValueError:
@@ -107,6 +121,8 @@ def _typed(default, value):
         return value.lower() in ("on", "true", "1")
     if isinstance(value, list):
         return tuple(value)
+    if default is None and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # an optional setting (e.g. step_cache_threshold): the measured default of what it belongs to
     return value
 
 

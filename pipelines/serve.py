@@ -369,10 +369,9 @@ def build_app(args: dict | None = None):
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args)
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     cfg = resolve(cfg, gpus)
-    from video2lora.backbones.step_cost import check_step_options
+    from video2lora.backbones.step_cost import step_options
 
-    g = cfg.generation
-    check_step_options(g.step_cache, g.step_cache_interval, g.step_cache_timesteps, g.step_cache_threshold)
+    step_options(cfg.generation)  # settings no cache can take fail here, before any replica starts
     cpus = cfg.replica_num_cpus
     if cfg.generator_max_replicas > cfg.generator_replicas:  # autoscale on requests queued or running per replica
         scale = {"autoscaling_config": {"min_replicas": cfg.generator_replicas, "max_replicas": cfg.generator_max_replicas,

@@ -57,7 +57,7 @@ def clips(tmp_path_factory):
 
 def config(tiny_backbone_dir, checkpoint, output, **kw):
     cfg = BatchJobConfig(backbone=tiny_backbone_dir, checkpoint=checkpoint, output=str(output),
-                         generation=GenerationConfig(**GEN), batch_size=4, actor_num_cpus=0.25, decode_num_cpus=0.25, **kw)
+                         generation=kw.pop("generation", GenerationConfig(**GEN)), batch_size=4, actor_num_cpus=0.25, decode_num_cpus=0.25, **kw)
     return cfg
 
 
@@ -218,6 +218,18 @@ def test_backbone_defaults_do_not_override_explicit_flags(tiny_backbone_dir):
     cfg = BatchJobConfig(backbone=tiny_backbone_dir, generation=GenerationConfig(steps=3))
     apply_backbone_defaults(cfg, explicit={"steps"})
     assert (cfg.generation.num_frames, cfg.generation.height, cfg.generation.steps) == (9, 32, 3)
+
+
+def test_generation_stage_calibrates_its_step_cache_when_it_starts(ray_local, tiny_backbone_dir, checkpoint):
+    """A generation actor (and a Serve replica, the same stage) runs magcache's calibration when it starts, at the
+    configured size, steps and CFG scale: its first rows, or a replica's first request, do not pay for it."""
+    from pipelines.stages import GenerateStage
+
+    stage = GenerateStage(tiny_backbone_dir, checkpoint, config(tiny_backbone_dir, checkpoint, "unused"))
+    at = (GEN["steps"], GEN["guidance_scale"], GEN["num_frames"], GEN["height"], GEN["width"])
+    assert GenerationConfig().step_cache == "magcache" and list(stage.generator.step_cost.mag_ratios) == [at]
+    none = config(tiny_backbone_dir, checkpoint, "unused", generation=GenerationConfig(**GEN, step_cache="none"))
+    assert not GenerateStage(tiny_backbone_dir, checkpoint, none).generator.step_cost.mag_ratios
 
 
 def test_blended_and_reused_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):

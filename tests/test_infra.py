@@ -15,6 +15,7 @@ CRDs: ``$KUBERAY_CRDS_DIR`` or ``<repo>/infra/crds`` (KubeRay's own, copied unch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import importlib.util
 import os
@@ -606,6 +607,11 @@ def test_rayservice_serves_the_app_on_the_raycluster_spec(rendered, values):
         values["SERVE_BATCH_SIZE"], values["SERVE_GENERATOR_MAX_REPLICAS"], values["SERVE_GENERATOR_NUM_GPUS"])
     assert cfg.generation.steps == values["SERVE_STEPS"] and cfg.generation.step_cache == values["STEP_CACHE"]
     assert cfg.generation.compile_blocks is (values["COMPILE_BLOCKS"] == "on")
+    from video2lora.backbones.step_cost import step_options
+    from video2lora.config import GenerationConfig
+
+    # auto: the chosen cache's measured setting, as the library's own default
+    assert step_options(cfg.generation) == step_options(GenerationConfig()) == (4, (100, 800), 0.3)
     assert cfg.reference_uri_prefixes == (values["BUCKET"] + "/",)
     with pytest.raises(render.RenderError, match="SERVE_GENERATOR_MAX_REPLICAS"):
         render.render(["rayservice"], {**values, "SERVE_GENERATOR_MAX_REPLICAS": 99})
@@ -646,15 +652,18 @@ def test_entrypoints_parse(rendered, values):
     from jobs.batch_generate import parse_args
     from pipelines.config import step_cost_overrides
 
-    got = step_cost_overrides(parse_args(argv[2:]))
-    assert got == {"step_cache": values["STEP_CACHE"], "step_cache_interval": values["STEP_CACHE_INTERVAL"],
-                   "step_cache_threshold": values["STEP_CACHE_THRESHOLD"], "compile_blocks": values["COMPILE_BLOCKS"] == "on",
-                   "fuse_qkv": values["FUSE_QKV"] == "on"}
+    from video2lora.backbones.step_cost import step_options
     from video2lora.config import GenerationConfig
 
+    got = step_cost_overrides(parse_args(argv[2:]))
+    assert values["STEP_CACHE_INTERVAL"] == values["STEP_CACHE_THRESHOLD"] == "auto"  # unset: the cache's own
+    assert got == {"step_cache": values["STEP_CACHE"], "compile_blocks": values["COMPILE_BLOCKS"] == "on",
+                   "fuse_qkv": values["FUSE_QKV"] == "on"}
     shipped = GenerationConfig()  # the values' per-run default is the library's measured default
-    assert (values["STEP_CACHE"], values["STEP_CACHE_INTERVAL"], values["STEP_CACHE_THRESHOLD"]) == (
-        shipped.step_cache, shipped.step_cache_interval, shipped.step_cache_threshold)
+    assert values["STEP_CACHE"] == shipped.step_cache
+    assert step_options(dataclasses.replace(shipped, **got)) == step_options(shipped)
+    first_block = parse_args(argv[2:] + ["--step-cache", "first_block"])  # another cache: its own measured setting
+    assert step_options(dataclasses.replace(shipped, **step_cost_overrides(first_block)))[2] == 0.4
     # what the job asks for adds up to the GPU worker group's capacity
     gpus = values["NUM_GEN_ACTORS"] * values["GEN_NUM_GPUS"] + values["NUM_HYPER_ACTORS"] * values["HYPER_NUM_GPUS"]
     assert gpus <= values["GPU_WORKERS_MAX"] * values["GPUS_PER_WORKER"]

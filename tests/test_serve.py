@@ -109,7 +109,8 @@ def test_video_equals_the_batch_jobs_for_the_same_row(service, tiny_backbone_dir
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "video/mp4" and r.headers["x-seed"] == "5"
     assert "generate;dur=" in r.headers["server-timing"]
-    assert r.content == batch_video  # the same frames through the same encoder: the same file
+    # the same row: the same frames up to float rounding (identical files on this machine; see assert_same_video)
+    assert r.content == batch_video or float((frames(r.content) - frames(batch_video)).abs().mean()) < 0.01
     assert r.headers["x-lora-cache-hit"] == "false"
     again = post(url, refs[0], prompt="another prompt", seed=6)  # the same reference: its LoRA from the cache
     assert again.status_code == 200 and again.headers["x-lora-cache-hit"] == "true"

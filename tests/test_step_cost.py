@@ -159,3 +159,40 @@ def test_magcache_calibrates_once_per_size_on_a_fixed_input(tiny_backbone_dir):
     other.generate([GenerationRequest("a blue square", seed=2)], num_frames=5)
     other.generate([GenerationRequest("a blue square", seed=2)], guidance_scale=3.0)  # another CFG scale: its own
     assert len(other.step_cost.mag_ratios) == 3
+
+
+def test_unset_settings_take_each_caches_measured_default():
+    """A step-cache field left unset (None, `auto` in YAML or on the command line) is the chosen cache's measured
+    setting, so choosing another cache never inherits magcache's numbers; a field that is set wins."""
+    from pipelines.config import ServeConfig
+    from video2lora.backbones.step_cost import CACHE_DEFAULTS, step_options
+
+    bare = GenerationConfig()
+    assert step_options(bare) == (4, (100, 800), 0.3)  # the shipped default: magcache 0.3, at least every 4th
+    assert step_options(dataclasses.replace(bare, step_cache="first_block"))[2] == 0.4
+    assert step_options(dataclasses.replace(bare, step_cache="pyramid_attention"))[:2] == (3, (50, 950))
+    assert step_options(dataclasses.replace(bare, step_cache="faster"))[0] == 2
+    for cache, measured in CACHE_DEFAULTS.items():  # every cache's defaults are settings it takes
+        got = dict(zip(("interval", "timesteps", "threshold"), step_options(dataclasses.replace(bare, step_cache=cache))))
+        assert {k: got[k] for k in measured} == measured, cache
+    assert step_options(dataclasses.replace(bare, step_cache="first_block", step_cache_threshold=0.2))[2] == 0.2
+    served = ServeConfig.from_args({"generation": {"step_cache": "taylorseer", "step_cache_interval": "auto",
+                                                   "step_cache_threshold": "auto"}})
+    assert step_options(served.generation)[:2] == (3, (50, 950))
+    with pytest.raises(ValueError, match="step_cache_interval='often'"):
+        step_options(dataclasses.replace(bare, step_cache_interval="often"))
+
+
+def test_warm_up_calibrates_before_the_first_request(tiny_backbone_dir):
+    """`warm_up` runs magcache's calibration at the configured size; the first request then calibrates nothing
+    and makes the video a cold generator makes."""
+    req = GenerationRequest("a red circle", reference=random_clips(1, seed=1)[0], seed=1)
+    cold = make_generator(tiny_backbone_dir, step_cache="magcache").generate([req])[0]
+    warm = make_generator(tiny_backbone_dir, step_cache="magcache")
+    calls = []
+    calibrate = warm.step_cost.calibrate_magcache
+    warm.step_cost.calibrate_magcache = lambda *a: calls.append(a) or calibrate(*a)
+    assert warm.warm_up() and len(calls) == 1
+    assert torch.equal(warm.generate([req])[0], cold) and len(calls) == 1
+    assert not warm.warm_up() and len(calls) == 1  # already calibrated
+    assert not make_generator(tiny_backbone_dir, step_cache="none").warm_up()

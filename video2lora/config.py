@@ -89,13 +89,14 @@ class GenerationConfig:
     # taylorseer | first_block | magcache. `interval`: attention recomputed every Nth step (pyramid_attention,
     # faster, taylorseer), or at most N-1 steps reused in a row (magcache); `timesteps`: the window (0-1000 scale)
     # where outputs may be reused; `threshold`: first_block's relative change, or magcache's error budget.
+    # Left unset (None), each takes the chosen cache's measured setting (step_cost.CACHE_DEFAULTS).
     # Default: magcache 0.3, at least every 4th step, the first fifth of the steps always computed: 0.39x the DiT
     # compute of the stock pipeline on the small preset; on the trained effects backbone effect accuracy and content
     # fidelity within about one standard error of the exact sampler's; "none" is the paper's sampler exactly
     step_cache: str = "magcache"
-    step_cache_interval: int = 4
-    step_cache_timesteps: tuple[int, int] = (100, 800)
-    step_cache_threshold: float = 0.3
+    step_cache_interval: int | None = None  # magcache: 4
+    step_cache_timesteps: tuple[int, int] | None = None  # magcache: (100, 800)
+    step_cache_threshold: float | None = None  # magcache: 0.3
     compile_blocks: bool = False  # torch.compile each transformer block (LoRAs are graph inputs: no recompiles)
     fuse_qkv: bool = False  # one q/k/v GEMM and one LoRA down-projection per attention
 

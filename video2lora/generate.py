@@ -228,6 +228,23 @@ class Video2LoRAGenerator:
         timings.add("decode", time.perf_counter() - start)
         return list(videos)
 
+    def warm_up(self) -> bool:
+        """Do now what a step cache measures once per generator (magcache's calibration: one bare video), at the
+        configured frames, size, steps and CFG scale, so that the first request does not pay for it. Returns
+        whether it calibrated; rows of another size or step count still calibrate on their first call."""
+        c = self.config
+        if c.step_cache != "magcache":
+            return False
+        try:
+            self.backbone.check_size(c.num_frames, c.height, c.width)
+        except ValueError as e:  # rows may all bring their own sizes: theirs calibrate when they come
+            logger.warning("no step-cache warm-up at the configured size: %s", e)
+            return False
+        before = len(self.step_cost.mag_ratios)
+        self.step_cost.apply(c, c.steps, c.guidance_scale, (c.num_frames, c.height, c.width),
+                             lambda: self.calibration_run(c.num_frames, c.height, c.width, c.steps, c.guidance_scale))
+        return len(self.step_cost.mag_ratios) > before
+
     def calibration_run(self, num_frames, height, width, steps, guidance_scale) -> None:
         """The bare backbone on a fixed input (a step cache's calibration): the same every time, whatever the rows."""
         image = torch.zeros(1, 3, height, width) if self.backbone.is_i2v else None

@@ -22,19 +22,19 @@ from video2lora.effects.evaluation import psnr
 
 logger = logging.getLogger("benchmark")
 
-# name -> GenerationConfig overrides, each cache at the setting measured best on the trained effects backbone
-# (docs/BENCHMARKS.md item 8); "default" is GenerationConfig() as shipped (magcache 0.3, at least every 4th step)
+# name -> GenerationConfig overrides; each cache at its measured setting, what an unset field means for it
+# (video2lora.backbones.step_cost.CACHE_DEFAULTS); "default" is GenerationConfig() as shipped (magcache 0.3, at
+# least every 4th step)
 OFF = dict(step_cache="none", compile_blocks=False, fuse_qkv=False)
 OPTIONS = {
     "none": OFF,
-    "pyramid_attention": {**OFF, "step_cache": "pyramid_attention", "step_cache_interval": 3,
-                          "step_cache_timesteps": (50, 950)},
-    "faster": {**OFF, "step_cache": "faster", "step_cache_interval": 2, "step_cache_timesteps": (100, 800)},
-    "taylorseer": {**OFF, "step_cache": "taylorseer", "step_cache_interval": 3, "step_cache_timesteps": (50, 950)},
-    "first_block": {**OFF, "step_cache": "first_block", "step_cache_threshold": 0.4},
+    "pyramid_attention": {**OFF, "step_cache": "pyramid_attention"},
+    "faster": {**OFF, "step_cache": "faster"},
+    "taylorseer": {**OFF, "step_cache": "taylorseer"},
+    "first_block": {**OFF, "step_cache": "first_block"},
     "compile": {**OFF, "compile_blocks": True},
     "fused": {**OFF, "fuse_qkv": True},
-    "first_block+fused": {**OFF, "step_cache": "first_block", "step_cache_threshold": 0.4, "fuse_qkv": True},
+    "first_block+fused": {**OFF, "step_cache": "first_block", "fuse_qkv": True},
     # magcache around the shipped default (0.3, at least every 4th step): harsher
     "magcache_0.5": {**OFF, "step_cache": "magcache", "step_cache_threshold": 0.5, "step_cache_interval": 4,
                      "step_cache_timesteps": (100, 800)},
@@ -190,6 +190,9 @@ def bench_step_cost(ctx: Context) -> dict:
 
 
 def describe(cfg) -> str:
+    from video2lora.backbones.step_cost import resolved
+
+    cfg = resolved(cfg)
     parts = [cfg.step_cache if cfg.step_cache != "none" else "no cache"]
     if cfg.step_cache in ("pyramid_attention", "faster", "taylorseer"):
         parts[0] += f" every {cfg.step_cache_interval}"

@@ -30,6 +30,46 @@ logger = logging.getLogger(__name__)
 STEP_CACHES = ("none", "pyramid_attention", "faster", "taylorseer", "first_block", "magcache")
 BATCH_COUPLED = {"first_block"}  # caches whose decision reads every row of the DiT batch together
 CALIBRATION_PROMPT = "a video"  # magcache's calibration input: fixed, so its table never depends on the rows
+# what a GenerationConfig field left unset (None) means for each cache: its setting measured best on the trained
+# effects backbone (docs/BENCHMARKS.md item 8; magcache's on the quality item too, docs/measurements/
+# step_cost_quality.md). Fields a cache does not read take UNUSED
+CACHE_DEFAULTS = {
+    "none": {},
+    "pyramid_attention": {"interval": 3, "timesteps": (50, 950)},
+    "faster": {"interval": 2, "timesteps": (100, 800)},
+    "taylorseer": {"interval": 3, "timesteps": (50, 950)},
+    "first_block": {"threshold": 0.4},
+    "magcache": {"interval": 4, "timesteps": (100, 800), "threshold": 0.3},
+}
+UNUSED = {"interval": 2, "timesteps": (0, 1000), "threshold": 1.0}
+
+
+def step_options(config) -> tuple[int, tuple[int, int], float]:
+    """(interval, timesteps, threshold) of a GenerationConfig: a field left unset (None) takes its cache's
+    measured default (CACHE_DEFAULTS). Raises ValueError naming the field for settings no cache can take."""
+    if config.step_cache not in STEP_CACHES:
+        raise ValueError(f"step_cache={config.step_cache!r}: choose one of {', '.join(STEP_CACHES)}")
+    default = {**UNUSED, **CACHE_DEFAULTS[config.step_cache]}
+    interval, timesteps, threshold = (default[k] if v is None else v for k, v in (
+        ("interval", config.step_cache_interval), ("timesteps", config.step_cache_timesteps),
+        ("threshold", config.step_cache_threshold)))
+    try:
+        interval, timesteps, threshold = int(interval), (int(timesteps[0]), int(timesteps[1])), float(threshold)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"step_cache_interval={config.step_cache_interval!r}, step_cache_timesteps="
+                         f"{config.step_cache_timesteps!r}, step_cache_threshold={config.step_cache_threshold!r}: "
+                         "give an integer, a (low, high) pair and a number (or leave them unset)") from None
+    check_step_options(config.step_cache, interval, timesteps, threshold)
+    return interval, timesteps, threshold
+
+
+def resolved(config):
+    """`config` (a GenerationConfig) with its step-cache fields filled in as `step_options` reads them."""
+    import dataclasses
+
+    interval, timesteps, threshold = step_options(config)
+    return dataclasses.replace(config, step_cache_interval=interval, step_cache_timesteps=timesteps,
+                               step_cache_threshold=threshold)
 
 
 def check_step_options(cache: str, interval: int, timesteps, threshold: float) -> None:
@@ -122,8 +162,7 @@ class StepCost:
         """Enable the cache, fused projections and compilation that `config` (a GenerationConfig) asks for.
         magcache: `calibration_run()` denoises the fixed calibration input at this call's `size` (frames, height,
         width), once per size; its ratios then stay with this generator."""
-        check_step_options(config.step_cache, config.step_cache_interval, config.step_cache_timesteps,
-                           config.step_cache_threshold)
+        interval, timesteps, threshold = step_options(config)
         if config.fuse_qkv and not self.fused:
             if self.compiled:
                 raise ValueError("fuse_qkv must be chosen before the blocks are compiled")
@@ -135,8 +174,7 @@ class StepCost:
             logger.info("fused q/k/v projections (%d with LoRAs)", fused)
         elif not config.fuse_qkv and self.fused:
             raise ValueError("fuse_qkv cannot be turned off on a generator that fused its projections; make a new one")
-        key = (config.step_cache, int(config.step_cache_interval), tuple(config.step_cache_timesteps),
-               float(config.step_cache_threshold), int(steps) if config.step_cache in ("taylorseer", "magcache") else 0,
+        key = (config.step_cache, interval, timesteps, threshold, int(steps) if config.step_cache in ("taylorseer", "magcache") else 0,
                guidance_scale > 1)  # the pipelines run CFG for a scale above 1
         ratios = None
         if config.step_cache == "magcache":
@@ -150,9 +188,8 @@ class StepCost:
         if key != self.cache_key:
             if self.cache_key is not None:
                 self.transformer.disable_cache()
-            hook = cache_config(self.backbone, config.step_cache, config.step_cache_interval,
-                                config.step_cache_timesteps, config.step_cache_threshold, steps, guidance_scale > 1,
-                                ratios)
+            hook = cache_config(self.backbone, config.step_cache, interval, timesteps, threshold, steps,
+                                guidance_scale > 1, ratios)
             if hook is not None:
                 self.transformer.enable_cache(hook)
             self.cache_key = key
