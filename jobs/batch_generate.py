@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="", help="diffusers pipeline dir of the frozen backbone (default: tiny built-in)")
     p.add_argument("--checkpoint", default="", help="trained Video2LoRA artifact dir (default: the bundled one)")
     p.add_argument("--export-loras", action="store_true", help="also write each row's LoRA as a diffusers LoRA file")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="on a resume, make again the rows made earlier from another prompt, reference, setting, "
+                        "checkpoint, backbone or step cache (without it the job stops and names them)")
     p.add_argument("--max-failures", type=float, default=c.max_failures,
                    help="exit non-zero once more rows failed than this count (>= 1) or fraction (< 1); -1: no limit")
     p.add_argument("--batch-size", type=int, default=c.batch_size, help="rows per generation call")
@@ -72,7 +75,7 @@ def config_from_args(a: argparse.Namespace) -> BatchJobConfig:
         backbone=backbone, checkpoint=checkpoint, output=a.output, generation=g, batch_size=a.batch_size,
         hyper_batch_size=a.hyper_batch_size, num_hyper_actors=a.num_hyper_actors, num_gen_actors=a.num_gen_actors,
         hyper_num_gpus=a.hyper_num_gpus, gen_num_gpus=a.gen_num_gpus, actor_num_cpus=a.actor_num_cpus,
-        max_failures=a.max_failures, export_loras=a.export_loras, torch_threads=a.torch_threads,
+        max_failures=a.max_failures, export_loras=a.export_loras, redo_changed=a.redo_changed, torch_threads=a.torch_threads,
     )
     explicit = {k for k in ("num_frames", "height", "width", "steps", "guidance_scale") if getattr(a, k) is not None}
     return apply_backbone_defaults(cfg, explicit)  # explicit flags win over what the backbone dir suggests

@@ -10,6 +10,7 @@ hypernetwork runs ahead of generation. Rows are checked here, once: the stages g
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -139,31 +140,77 @@ def plan_job(manifest_uri: str, cfg: BatchJobConfig) -> tuple[Manifest, dict[str
     return manifest, results
 
 
-def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig):
-    """The rows to run, with their typed settings, as DataFrames of one generation batch each, read from the
-    manifest a batch of rows at a time (never all of it at once). Rows done earlier (in `results`) are left out;
-    a row the driver refuses is added to `results` as failed, with the reason."""
+def job_signature(cfg: BatchJobConfig) -> dict:
+    """What, beside its own columns, makes a row's video: the models and the job-wide sampler settings (compiled
+    blocks and fused projections only change float rounding, so they are left out)."""
+    from video2lora.backbones.step_cost import resolved
+
+    g = dataclasses.asdict(resolved(cfg.generation))
+    return {"checkpoint": cfg.checkpoint, "backbone": cfg.backbone,
+            **{k: v for k, v in g.items() if k not in ("compile_blocks", "fuse_qkv")}}
+
+
+def row_fingerprint(planned: dict, job: dict) -> str:
+    """A hash of a planned row (sources and typed settings, sample_id aside) and the job's signature: a resume
+    compares it with the one a finished row was made under."""
+    spec = {k: v for k, v in planned.items() if k != "sample_id"}
+    text = json.dumps({"row": spec, "job": job}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class ChangedRows(SetupError):
+    pass
+
+
+def plan_row(row: dict, defaults: dict, job: dict, output: str) -> dict:
+    """A manifest row checked on the driver (ValueError naming the field), as the stages take it: sources and
+    typed settings (pipelines.manifest.SETTING_COLUMNS: no stage parses them again), and its fingerprint."""
     from pipelines.manifest import row_settings, row_sources
 
+    sid = row["sample_id"]
+    for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
+        safe_child(output, name)
+    planned = {"sample_id": sid, **row_sources(row), "image_uri": row.get("image_uri") or "",
+               **row_settings(row, defaults)}
+    planned["row_fingerprint"] = row_fingerprint(planned, job)
+    return planned
+
+
+def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig):
+    """The rows to run, with their typed settings, as DataFrames of one generation batch each, read from the
+    manifest a batch of rows at a time (never all of it at once). Rows done earlier (in `results`) are left out,
+    unless they were made from other inputs or settings than the manifest row's now: then the planning stops with
+    ChangedRows naming them, or with cfg.redo_changed they are made again. A row the driver refuses is added to
+    `results` as failed, with the reason."""
     defaults = dataclasses.asdict(cfg.generation)
+    job = job_signature(cfg)
     step = max(cfg.batch_size, 1)
-    todo = []
+    todo, changed = [], []
     for rows in manifest.batches():
         for row in rows:
             sid = row["sample_id"]
-            if sid in results:
-                continue
-            try:  # rows are checked here, on the driver; the stages then only see plain strings
-                for name in (sid, f"{sid}.mp4", f"{sid}.json", f"{sid}.safetensors"):  # the id and every file it names
-                    safe_child(cfg.output, name)
-                settings = row_settings(row, defaults)
-                sources = row_sources(row)
+            done = results.get(sid)
+            if done and (done["status"] == "failed" or not isinstance(done.get("row_fingerprint"), str)
+                         or not done["row_fingerprint"]):
+                continue  # refused in this run, or made before fingerprints (kept)
+            try:
+                planned = plan_row(row, defaults, job, cfg.output)
             except ValueError as e:
+                if done:  # made earlier, now refused: its inputs changed
+                    changed.append(sid)
+                    if not cfg.redo_changed:
+                        continue
                 results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
                                                                     "error": error_text(e)}
                 continue
-            todo.append({"sample_id": sid, **sources, "image_uri": row.get("image_uri") or "",
-                         **settings})  # typed columns (pipelines.manifest.SETTING_COLUMNS): no stage parses them again
+            if done:
+                if done["row_fingerprint"] == planned["row_fingerprint"]:
+                    continue  # made earlier from the same inputs and settings
+                changed.append(sid)
+                if not cfg.redo_changed:
+                    continue
+                del results[sid]
+            todo.append(planned)
         whole = len(todo) - len(todo) % step
         if whole:  # one DataFrame per manifest batch, cut in slices: a DataFrame per 4 rows costs 25x more
             df = pd.DataFrame(todo[:whole])
@@ -171,6 +218,15 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
             todo = todo[whole:]
     if todo:
         yield pd.DataFrame(todo)
+    if changed:
+        logger.warning("%d row(s) made earlier from other inputs or settings%s, e.g. %s", len(changed),
+                       ": made again (--redo-changed)" if cfg.redo_changed else "", ", ".join(changed[:5]))
+        if not cfg.redo_changed:
+            raise ChangedRows(
+                f"{len(changed)} row(s) in {redact(cfg.output)} were made from another prompt, reference, setting, "
+                f"checkpoint, backbone or step cache than the manifest and flags give now (e.g. "
+                f"{', '.join(repr(s) for s in changed[:5])}); nothing was run. Pass --redo-changed to make them "
+                f"again, or give the job another --output")
 
 
 def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True) -> dict:
@@ -186,7 +242,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     limit = failure_limit(cfg.max_failures, len(ids))
     to_run = len(ids) - len(results)
     logger.info("%d rows: %d to do, %d done earlier", len(ids), to_run, len(results))
-    if to_run:
+    if to_run or cfg.redo_changed:
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
     # which manifest made this output: the gallery page reads its prompts and references
@@ -214,6 +270,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     # actor at 0.5 CPU each on 2 CPUs), and the job would hang
     blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]
     failed = sum(r["status"] == "failed" for r in results.values())
+    to_run = len(ids) - sum(r["status"] == "skipped" for r in results.values())  # --redo-changed adds rows
     todo_rows = to_run - failed
     metrics = JobMetrics(redact(cfg.output))
     metrics.count("skipped", len(ids) - to_run)  # done in earlier runs

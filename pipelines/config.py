@@ -32,6 +32,7 @@ class BatchJobConfig:
     torch_threads: int = 0
     max_failures: float = -1  # < 0: no limit; >= 1: a count; in (0, 1): a fraction of the rows
     export_loras: bool = False
+    redo_changed: bool = False  # remake rows made earlier from other inputs or settings (else the job refuses)
     max_reference_bytes: int = 1 << 30
     results_flush_seconds: float = 10.0
 

@@ -28,7 +28,7 @@ from video2lora.storage import content_hash, join, read_bytes, safe_child, write
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
-                  "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker"]
+                  "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
 # rows that share these settings are generated in one batch; the names are Video2LoRAGenerator.generate's arguments
 GROUP_KEY = ("num_frames", "height", "width", "steps", "guidance_scale")
 LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by reference hash
@@ -86,7 +86,8 @@ def fetch_and_decode(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
         uris, weights = list(row["reference_uris"]), [float(w) for w in row["reference_weights"]]
         rec = {"sample_id": row["sample_id"], "status": "pending", "error": "", "reference_hash": "",
                "ref_hashes": [], "ref_weights": weights, "ref_pixels": [], "image_pixels": b"", "lora_file": b"",
-               "source_lora_uri": row["lora_uri"], **{c: row[c] for c in SETTING_COLUMNS}}
+               "source_lora_uri": row["lora_uri"], "row_fingerprint": row.get("row_fingerprint", ""),
+               **{c: row[c] for c in SETTING_COLUMNS}}
         try:
             if row["lora_uri"]:  # a LoRA file exported earlier: no hypernetwork for this row
                 rec["lora_file"] = read_bytes(row["lora_uri"], max_bytes=cfg.max_reference_bytes)

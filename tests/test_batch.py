@@ -162,6 +162,40 @@ def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, cl
     assert again["ok"] == 0 and again["skipped"] == 5
 
 
+def test_resume_refuses_rows_that_changed(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    """A resume matches rows by sample_id and by what made them: a row whose prompt, reference or settings, or a
+    job whose checkpoint or step cache changed, stops the job before any work, naming the rows; --redo-changed
+    makes exactly those again."""
+    from pipelines.batch import ChangedRows
+
+    _, refs = clips
+    rows = [{"sample_id": f"s{i}", "reference_uri": refs[i], "prompt": "a red circle", "seed": i} for i in range(3)]
+    out = tmp_path / "out"
+    cfg = config(tiny_backbone_dir, checkpoint, out)
+    run_batch_job(write_manifest(tmp_path / "m.parquet", rows), cfg, progress=False)
+    first = {p: (out / "videos" / p).read_bytes() for p in os.listdir(out / "videos")}
+    fingerprints = results_of(str(out)).row_fingerprint.to_dict()
+    assert len(set(fingerprints.values())) == 3 and all(isinstance(f, str) for f in fingerprints.values())
+
+    edited = [dict(rows[0]), dict(rows[1], prompt="a blue square"), dict(rows[2], lora_strength=0.5)]
+    with pytest.raises(ChangedRows, match=r"2 row\(s\).*'s1', 's2'.*--redo-changed"):
+        run_batch_job(write_manifest(tmp_path / "edited.parquet", edited), cfg, progress=False)
+    assert {p: (out / "videos" / p).read_bytes() for p in os.listdir(out / "videos")} == first  # nothing lost
+    assert results_of(str(out)).row_fingerprint.to_dict() == fingerprints
+
+    redo = run_batch_job(write_manifest(tmp_path / "edited.parquet", edited),
+                         config(tiny_backbone_dir, checkpoint, out, redo_changed=True), progress=False)
+    assert redo["ok"] == 2 and redo["skipped"] == 1
+    res = results_of(str(out))
+    assert res.loc["s0", "row_fingerprint"] == fingerprints["s0"] and (out / "videos" / "s0.mp4").read_bytes() == first["s0.mp4"]
+    assert res.loc["s1", "row_fingerprint"] != fingerprints["s1"] and (out / "videos" / "s1.mp4").read_bytes() != first["s1.mp4"]
+    assert run_batch_job(write_manifest(tmp_path / "edited.parquet", edited), cfg, progress=False)["skipped"] == 3
+
+    other_sampler = config(tiny_backbone_dir, checkpoint, out, generation=GenerationConfig(**GEN, step_cache="none"))
+    with pytest.raises(ChangedRows, match="3 row"):  # a job-wide change: every row
+        run_batch_job(write_manifest(tmp_path / "edited.parquet", edited), other_sampler, progress=False)
+
+
 def test_max_failures_stops_but_keeps_results(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
     d, refs = clips
     rows = [{"sample_id": f"bad{i}", "reference_uri": str(d / "corrupt.mp4"), "prompt": "x"} for i in range(3)]

@@ -6,6 +6,7 @@ driver's peak memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -62,12 +63,14 @@ def put_objects(objects: dict[str, bytes]) -> None:
         backend.put_object(BUCKET, key, value)
 
 
-def seed(rows: int, finished: int, killed: int) -> tuple[str, str]:
-    """The manifest and an output prefix with `finished` rows in results.parquet and `killed` more as row records."""
+def seed(rows: int, finished: int, killed: int, cfg) -> tuple[str, str]:
+    """The manifest and an output prefix with `finished` rows in results.parquet and `killed` more as row records,
+    each with the fingerprint the job (`cfg`) gives its manifest row, as a real resume finds them."""
     import boto3
     import pandas as pd
 
-    from pipelines.batch import write_results
+    from pipelines.batch import job_signature, plan_row, write_results
+    from pipelines.manifest import open_manifest
     from pipelines.stages import RESULT_COLUMNS
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -77,10 +80,16 @@ def seed(rows: int, finished: int, killed: int) -> tuple[str, str]:
                              "prompt": ["a red circle on a black background"] * rows, "seed": range(rows)})
     buf = io.BytesIO()
     manifest.to_parquet(buf, index=False)
-    done = {sid: {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "ok",
+    put_objects({"manifest.parquet": buf.getvalue()})
+    cfg = dataclasses.replace(cfg, output=out)
+    defaults, job, made = dataclasses.asdict(cfg.generation), job_signature(cfg), set(ids[: finished + killed])
+    fingerprints = {r["sample_id"]: plan_row(r, defaults, job, out)["row_fingerprint"]
+                    for batch in open_manifest(f"s3://{BUCKET}/manifest.parquet").batches() for r in batch
+                    if r["sample_id"] in made}
+    done = {sid: {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "ok", "row_fingerprint": fingerprints[sid],
                                                      "output_uri": f"{out}/videos/{sid}.mp4"}
             for sid in ids[: finished + killed]}
-    objects = {"manifest.parquet": buf.getvalue()}
+    objects = {}
     objects |= {f"run/videos/{sid}.mp4": b"mp4" for sid in done}
     objects |= {f"run/rows/{sid}.json": json.dumps(done[sid]).encode() for sid in ids[: finished + killed]}
     put_objects(objects)
@@ -105,8 +114,9 @@ def bench_scale(ctx: Context) -> dict:
         import fsspec
 
         fsspec.filesystem("s3").clear_instance_cache()
-        manifest, out = seed(rows, finished, killed)
-        cfg = BatchJobConfig(output=out, generation=GenerationConfig(num_frames=9, height=32, width=32))
+        cfg = BatchJobConfig(generation=GenerationConfig(num_frames=9, height=32, width=32))
+        manifest, out = seed(rows, finished, killed, cfg)
+        cfg = dataclasses.replace(cfg, output=out)
         before = server.requests
         start = time.perf_counter()
         plan, settled = plan_job(manifest, cfg)
