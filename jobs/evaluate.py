@@ -70,13 +70,14 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     if guidance is not None:
         g.guidance_scale, explicit = guidance, explicit | {"guidance_scale"}
     cfg = BatchJobConfig(backbone=backbone, checkpoint=checkpoint, output=os.path.join(out, "gen"), generation=g,
-                         batch_size=batch_size, hyper_batch_size=batch_size)
+                         batch_size=batch_size, hyper_batch_size=batch_size,
+                         redo_changed=True)  # gen/ is this evaluation's own: a row made otherwise is made again
     cfg = apply_backbone_defaults(cfg, explicit)
     # the batch job resumes by sample id: videos made for other rows (another seed, effect set or row protocol) or
     # by another model or sampler would be taken as done under the same names. They belong to that earlier
     # evaluation and are made again
     signature = json.dumps({"rows": manifest, "checkpoint": checkpoint, "backbone": backbone,
-                            "generation": dataclasses.asdict(cfg.generation)}, sort_keys=True, default=str)
+                            "generation": dataclasses.asdict(resolved(cfg.generation))}, sort_keys=True, default=str)
     signed = os.path.join(out, "gen_signature.json")
     earlier = None
     if os.path.exists(signed):

@@ -10,7 +10,6 @@ hypernetwork runs ahead of generation. Rows are checked here, once: the stages g
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import pandas as pd
 
 from pipelines.common import SetupError, error_text, init_ray
 from pipelines.config import BatchJobConfig, with_placement
+from pipelines.fingerprint import job_signature, row_fingerprint
 from pipelines.gallery import JOB_NAME
 from pipelines.manifest import Manifest
 from pipelines.metrics import JobMetrics
@@ -51,17 +51,22 @@ def load_previous_results(output: str) -> dict[str, dict]:
 
         table = pd.read_parquet(io.BytesIO(read_bytes(uri)))
         done = {rec["sample_id"]: rec for rec in table.to_dict("records")}
+    def made(rec: dict | None) -> bool:  # a row the table has as made: ok, or skipped as done in an earlier run
+        return bool(rec) and (rec.get("status") == "ok" or (rec.get("status") == "skipped" and bool(rec.get("output_uri"))))
+
     newer = [f for f in list_files(join(output, "rows"), suffix=".json")
-             if done.get(posixpath.basename(f)[: -len(".json")], {}).get("status") != "ok"]
+             if not made(done.get(posixpath.basename(f)[: -len(".json")]))]
     for f, data in read_many(newer).items():
         try:
             if isinstance(data, Exception):
                 raise data
             rec = json.loads(data)
+            if not isinstance(rec, dict) or not isinstance(rec.get("sample_id"), str):
+                raise ValueError("not a row record (no sample_id)")
         except (ValueError, OSError) as e:
             logger.warning("ignoring unreadable row record %s: %s", redact(f), e)
             continue
-        if done.get(rec["sample_id"], {}).get("status") != "ok":
+        if not made(done.get(rec["sample_id"])):
             done[rec["sample_id"]] = rec
     return done
 
@@ -140,29 +145,11 @@ def plan_job(manifest_uri: str, cfg: BatchJobConfig) -> tuple[Manifest, dict[str
     return manifest, results
 
 
-def job_signature(cfg: BatchJobConfig) -> dict:
-    """What, beside its own columns, makes a row's video: the models and the job-wide sampler settings (compiled
-    blocks and fused projections only change float rounding, so they are left out)."""
-    from video2lora.backbones.step_cost import resolved
-
-    g = dataclasses.asdict(resolved(cfg.generation))
-    return {"checkpoint": cfg.checkpoint, "backbone": cfg.backbone,
-            **{k: v for k, v in g.items() if k not in ("compile_blocks", "fuse_qkv")}}
-
-
-def row_fingerprint(planned: dict, job: dict) -> str:
-    """A hash of a planned row (sources and typed settings, sample_id aside) and the job's signature: a resume
-    compares it with the one a finished row was made under."""
-    spec = {k: v for k, v in planned.items() if k != "sample_id"}
-    text = json.dumps({"row": spec, "job": job}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
 class ChangedRows(SetupError):
-    pass
+    """Rows made earlier from other inputs or settings than the manifest and flags give now."""
 
 
-def plan_row(row: dict, defaults: dict, job: dict, output: str) -> dict:
+def plan_row(row: dict, defaults: dict, job: dict, output: str, base: str = "") -> dict:
     """A manifest row checked on the driver (ValueError naming the field), as the stages take it: sources and
     typed settings (pipelines.manifest.SETTING_COLUMNS: no stage parses them again), and its fingerprint."""
     from pipelines.manifest import row_settings, row_sources
@@ -172,8 +159,16 @@ def plan_row(row: dict, defaults: dict, job: dict, output: str) -> dict:
         safe_child(output, name)
     planned = {"sample_id": sid, **row_sources(row), "image_uri": row.get("image_uri") or "",
                **row_settings(row, defaults)}
-    planned["row_fingerprint"] = row_fingerprint(planned, job)
+    planned["row_fingerprint"] = row_fingerprint(planned, job, base)  # base: the manifest's folder
     return planned
+
+
+def _forget(output: str, sid: str) -> None:
+    """A row about to be made again (--redo-changed): its record goes, so that if the new attempt fails a later
+    resume retries it rather than taking the old record's video as done. The old video stays until replaced."""
+    from video2lora.storage import remove
+
+    remove(safe_child(join(output, "rows"), f"{sid}.json"))
 
 
 def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig):
@@ -185,21 +180,24 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
     defaults = dataclasses.asdict(cfg.generation)
     job = job_signature(cfg)
     step = max(cfg.batch_size, 1)
-    todo, changed = [], []
+    todo, changed, unchecked = [], [], 0
     for rows in manifest.batches():
         for row in rows:
             sid = row["sample_id"]
             done = results.get(sid)
-            if done and (done["status"] == "failed" or not isinstance(done.get("row_fingerprint"), str)
-                         or not done["row_fingerprint"]):
-                continue  # refused in this run, or made before fingerprints (kept)
+            if done and done["status"] == "failed":
+                continue  # refused in this run
+            if done and not (isinstance(done.get("row_fingerprint"), str) and done["row_fingerprint"]):
+                unchecked += 1  # made before rows had fingerprints: kept as it is
+                continue
             try:
-                planned = plan_row(row, defaults, job, cfg.output)
+                planned = plan_row(row, defaults, job, cfg.output, manifest.base)
             except ValueError as e:
                 if done:  # made earlier, now refused: its inputs changed
                     changed.append(sid)
                     if not cfg.redo_changed:
                         continue
+                    _forget(cfg.output, sid)
                 results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
                                                                     "error": error_text(e)}
                 continue
@@ -210,6 +208,7 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
                 if not cfg.redo_changed:
                     continue
                 del results[sid]
+                _forget(cfg.output, sid)
             todo.append(planned)
         whole = len(todo) - len(todo) % step
         if whole:  # one DataFrame per manifest batch, cut in slices: a DataFrame per 4 rows costs 25x more
@@ -218,6 +217,8 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
             todo = todo[whole:]
     if todo:
         yield pd.DataFrame(todo)
+    if unchecked:
+        logger.warning("%d row(s) made before rows had fingerprints were kept without a check", unchecked)
     if changed:
         logger.warning("%d row(s) made earlier from other inputs or settings%s, e.g. %s", len(changed),
                        ": made again (--redo-changed)" if cfg.redo_changed else "", ", ".join(changed[:5]))
@@ -245,9 +246,6 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     if to_run or cfg.redo_changed:
         check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
-    # which manifest made this output: the gallery page reads its prompts and references
-    manifest_abs = manifest_uri if "://" in manifest_uri else os.path.abspath(manifest_uri)
-    write_bytes_atomic(join(cfg.output, JOB_NAME), json.dumps({"manifest": manifest_abs}).encode())
 
     init_ray()  # actors' warnings and errors reach the driver's log (`ray job logs`); their INFO stays in their files
     cfg = with_placement(cfg, ray.cluster_resources().get("GPU", 0))  # counts the user left unset
@@ -268,7 +266,10 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     # store one by one (the driver never holds all rows): a repartition would run as tasks of 1 CPU, which never
     # get scheduled once the actors hold more than all CPUs but one (e.g. 2 generation actors + the hypernetwork
     # actor at 0.5 CPU each on 2 CPUs), and the job would hang
-    blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]
+    blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]  # ChangedRows: nothing written
+    # which manifest made this output: the gallery page reads its prompts and references
+    manifest_abs = manifest_uri if "://" in manifest_uri else os.path.abspath(manifest_uri)
+    write_bytes_atomic(join(cfg.output, JOB_NAME), json.dumps({"manifest": manifest_abs}).encode())
     failed = sum(r["status"] == "failed" for r in results.values())
     to_run = len(ids) - sum(r["status"] == "skipped" for r in results.values())  # --redo-changed adds rows
     todo_rows = to_run - failed

@@ -184,7 +184,10 @@ class GenerateStage:
         threads = set_torch_threads(cfg)
         self.generator = Video2LoRAGenerator.from_pretrained(backbone_uri, checkpoint_uri, cfg.generation)
         self.generator.release_hypernetwork()  # LoRAs come predicted from the hypernetwork stage
-        self.generator.warm_up()  # magcache calibrates here, not in a Serve replica's first request
+        try:  # magcache calibrates here, not in a Serve replica's first request
+            self.generator.warm_up()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at the default size: the rows calibrate as they come
+            logger.warning("step-cache warm-up failed (%s); the first rows calibrate instead", error_text(e))
         self.cfg = cfg
         self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
                        f":threads={threads}")

@@ -79,3 +79,75 @@ def test_the_manifest_is_read_a_batch_of_rows_at_a_time(tmp_path):
     assert all(len(b) == 4 for b in rest[:-1])
     seeds = {r["sample_id"]: r["seed"] for b in rest for r in b.to_dict("records")}
     assert seeds["r00007"] == cfg.generation.seed and seeds["r00008"] == 8  # null: the job's default
+
+
+def _plan(manifest_uri, cfg, results=None):
+    """Fingerprints of the manifest's rows as the job plans them (no Ray): sample_id -> fingerprint."""
+    manifest, settled = batch.plan_job(manifest_uri, cfg)
+    settled.update(results or {})
+    planned = {r["sample_id"]: r["row_fingerprint"] for b in batch.planned_blocks(manifest, settled, cfg)
+               for r in b.to_dict("records")}
+    return planned, settled
+
+
+def _done(fingerprints, out):
+    return {sid: {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "skipped", "row_fingerprint": f,
+                                                     "output_uri": str(out / "videos" / f"{sid}.mp4")}
+            for sid, f in fingerprints.items()}
+
+
+def test_fingerprints_hold_across_spellings_and_name_what_changed(tmp_path, monkeypatch, tiny_backbone_dir):
+    """A row's fingerprint does not depend on how the manifest's path or the models' directories are spelt (a Ray
+    job unpacks the repository somewhere new each time), nor on job defaults a row overrides, nor on settings its
+    step cache does not read; a changed prompt or step cache changes it, and the planning then stops, naming the
+    rows. With redo_changed their old records go, so a failed remake is retried later."""
+    import shutil
+
+    import pandas as pd
+    import pytest
+
+    from pipelines.config import BatchJobConfig
+    from pipelines.fingerprint import backbone_identity, checkpoint_identity
+    from video2lora.config import GenerationConfig
+    from conftest import save_model_for
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"sample_id": f"s{i}", "reference_uri": f"clips/c{i}.mp4", "prompt": "a red circle", "seed": i}
+            for i in range(3)]
+    pd.DataFrame(rows).to_parquet(data / "m.parquet", index=False)
+    out = tmp_path / "out"
+    ckpt = save_model_for(tiny_backbone_dir, str(tmp_path / "ckpt"))
+    cfg = BatchJobConfig(output=str(out), backbone=tiny_backbone_dir, checkpoint=ckpt,
+                         generation=GenerationConfig(num_frames=9, height=32, width=32, steps=2))
+    first, _ = _plan(str(data / "m.parquet"), cfg)
+    assert len(set(first.values())) == 3
+
+    moved_backbone, moved_ckpt = shutil.copytree(tiny_backbone_dir, tmp_path / "bb"), shutil.copytree(ckpt, tmp_path / "ck")
+    assert backbone_identity(str(moved_backbone)) == backbone_identity(tiny_backbone_dir)
+    assert checkpoint_identity(str(moved_ckpt)) == checkpoint_identity(ckpt)
+    monkeypatch.chdir(tmp_path)
+    same = BatchJobConfig(output=str(out), backbone=str(moved_backbone), checkpoint=str(moved_ckpt) + "/",
+                          generation=GenerationConfig(num_frames=9, height=32, width=32, steps=2, seed=99,
+                                                      step_cache="magcache", step_cache_threshold=0.3))
+    todo, _ = _plan("data/m.parquet", same, _done(first, out))  # another spelling of every path
+    assert todo == {}
+    none = BatchJobConfig(output=str(out), generation=GenerationConfig(num_frames=9, height=32, width=32, step_cache="none"))
+    with_threshold = BatchJobConfig(output=str(out), generation=GenerationConfig(
+        num_frames=9, height=32, width=32, step_cache="none", step_cache_threshold=0.7))
+    assert _plan("data/m.parquet", none)[0] == _plan("data/m.parquet", with_threshold)[0]  # none reads no threshold
+
+    rows[1]["prompt"] = "a blue square"
+    pd.DataFrame(rows).to_parquet(data / "m.parquet", index=False)
+    with pytest.raises(batch.ChangedRows, match=r"1 row\(s\).*'s1'"):
+        _plan("data/m.parquet", same, _done(first, out))
+    other_cache = BatchJobConfig(**{**same.__dict__, "generation": GenerationConfig(
+        num_frames=9, height=32, width=32, steps=2, step_cache="first_block")})
+    with pytest.raises(batch.ChangedRows, match=r"3 row\(s\)"):
+        _plan("data/m.parquet", other_cache, _done(first, out))
+
+    (out / "rows").mkdir(parents=True)
+    (out / "rows" / "s1.json").write_text(json.dumps({"sample_id": "s1", "status": "ok", "row_fingerprint": first["s1"]}))
+    redo = BatchJobConfig(**{**same.__dict__, "redo_changed": True})
+    todo, settled = _plan("data/m.parquet", redo, _done(first, out))
+    assert list(todo) == ["s1"] and "s1" not in settled and not (out / "rows" / "s1.json").exists()

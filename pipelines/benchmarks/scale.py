@@ -69,7 +69,8 @@ def seed(rows: int, finished: int, killed: int, cfg) -> tuple[str, str]:
     import boto3
     import pandas as pd
 
-    from pipelines.batch import job_signature, plan_row, write_results
+    from pipelines.batch import plan_row, write_results
+    from pipelines.fingerprint import job_signature
     from pipelines.manifest import open_manifest
     from pipelines.stages import RESULT_COLUMNS
 
@@ -83,9 +84,9 @@ def seed(rows: int, finished: int, killed: int, cfg) -> tuple[str, str]:
     put_objects({"manifest.parquet": buf.getvalue()})
     cfg = dataclasses.replace(cfg, output=out)
     defaults, job, made = dataclasses.asdict(cfg.generation), job_signature(cfg), set(ids[: finished + killed])
-    fingerprints = {r["sample_id"]: plan_row(r, defaults, job, out)["row_fingerprint"]
-                    for batch in open_manifest(f"s3://{BUCKET}/manifest.parquet").batches() for r in batch
-                    if r["sample_id"] in made}
+    manifest = open_manifest(f"s3://{BUCKET}/manifest.parquet")
+    fingerprints = {r["sample_id"]: plan_row(r, defaults, job, out, manifest.base)["row_fingerprint"]
+                    for batch in manifest.batches() for r in batch if r["sample_id"] in made}
     done = {sid: {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "ok", "row_fingerprint": fingerprints[sid],
                                                      "output_uri": f"{out}/videos/{sid}.mp4"}
             for sid in ids[: finished + killed]}

@@ -17,6 +17,7 @@ import torch
 
 from pipelines.benchmarks import fixtures, measure
 from pipelines.benchmarks.context import TARGETS, Context, row, sync, use_cpu_clock
+from video2lora.backbones.step_cost import resolved
 from video2lora.config import GenerationConfig
 from video2lora.effects.evaluation import psnr
 
@@ -157,7 +158,7 @@ def bench_step_cost(ctx: Context) -> dict:
     wall = measure.interleaved(timed, rounds=a.cost_rounds, warmup=0, cpu=cpu)
     plain = outputs["none"]
     details = {"preset": label, "videos": videos, "rounds": a.cost_rounds, "generation": s,
-               "clock": "cpu" if cpu_clock else "wall", "default": dataclasses.asdict(GenerationConfig()),
+               "clock": "cpu" if cpu_clock else "wall", "default": dataclasses.asdict(resolved(GenerationConfig())),
                "stock_vs_none_max_abs_diff": float((outputs["stock"][0] - plain[0]).abs().max()),
                "options": {}}
     stock_dit = [sec for _, sec in dit["stock"]]
@@ -172,7 +173,7 @@ def bench_step_cost(ctx: Context) -> dict:
              # the stock pipeline holds the first video's LoRA only: its first video is the comparable one
              "psnr_vs_uncached_db": (psnr(outputs[name][0], plain[0]) if name == "stock" else
                                      measure.median([psnr(v, p) for v, p in zip(outputs[name], plain)])),
-             **({} if name == "stock" else {k: v for k, v in dataclasses.asdict(gens[name].config).items()
+             **({} if name == "stock" else {k: v for k, v in dataclasses.asdict(resolved(gens[name].config)).items()
                                             if k.startswith(("step_cache", "compile", "fuse"))})}
         details["options"][name] = d
         logger.info("item 8 %s: %.1f DiT evaluations/video, DiT %.3f s/video (%.2fx stock), PSNR %.1f dB", name, rows,
@@ -190,8 +191,6 @@ def bench_step_cost(ctx: Context) -> dict:
 
 
 def describe(cfg) -> str:
-    from video2lora.backbones.step_cost import resolved
-
     cfg = resolved(cfg)
     parts = [cfg.step_cache if cfg.step_cache != "none" else "no cache"]
     if cfg.step_cache in ("pyramid_attention", "faster", "taylorseer"):

@@ -54,13 +54,27 @@ def step_options(config) -> tuple[int, tuple[int, int], float]:
         ("interval", config.step_cache_interval), ("timesteps", config.step_cache_timesteps),
         ("threshold", config.step_cache_threshold)))
     try:
-        interval, timesteps, threshold = int(interval), (int(timesteps[0]), int(timesteps[1])), float(threshold)
+        if isinstance(timesteps, str):  # "low,high", as on the command line
+            timesteps = [int(v) for v in timesteps.split(",")]
+        if isinstance(interval, bool) or float(interval) != int(float(interval)) or len(timesteps) != 2:
+            raise ValueError
+        interval, timesteps, threshold = int(float(interval)), (int(timesteps[0]), int(timesteps[1])), float(threshold)
     except (TypeError, ValueError, IndexError):
         raise ValueError(f"step_cache_interval={config.step_cache_interval!r}, step_cache_timesteps="
                          f"{config.step_cache_timesteps!r}, step_cache_threshold={config.step_cache_threshold!r}: "
                          "give an integer, a (low, high) pair and a number (or leave them unset)") from None
     check_step_options(config.step_cache, interval, timesteps, threshold)
     return interval, timesteps, threshold
+
+
+def cache_signature(config) -> dict:
+    """The step cache as it changes the videos: its name and only the settings it reads, as plain numbers."""
+    interval, timesteps, threshold = step_options(config)
+    reads = {"none": (), "pyramid_attention": ("interval", "timesteps"), "faster": ("interval", "timesteps"),
+             "taylorseer": ("interval", "timesteps"), "first_block": ("threshold",),
+             "magcache": ("interval", "timesteps", "threshold")}[config.step_cache]
+    values = {"interval": interval, "timesteps": list(timesteps), "threshold": threshold}
+    return {"cache": config.step_cache, **{k: values[k] for k in reads}}
 
 
 def resolved(config):
