@@ -38,6 +38,11 @@ RESULTS_NAME = "results.parquet"
 
 # --- the driver ---
 
+def made(rec: dict | None) -> bool:
+    """A result record of a row made: ok, or skipped as done in an earlier run (it names its video)."""
+    return bool(rec) and (rec.get("status") == "ok" or (rec.get("status") == "skipped" and bool(rec.get("output_uri"))))
+
+
 def load_previous_results(output: str) -> dict[str, dict]:
     """Rows finished by earlier runs: the results table, read once, plus the per-row records written after it
     (a killed driver's). One listing of rows/; only records of rows the table does not have as `ok` are read,
@@ -51,9 +56,6 @@ def load_previous_results(output: str) -> dict[str, dict]:
 
         table = pd.read_parquet(io.BytesIO(read_bytes(uri)))
         done = {rec["sample_id"]: rec for rec in table.to_dict("records")}
-    def made(rec: dict | None) -> bool:  # a row the table has as made: ok, or skipped as done in an earlier run
-        return bool(rec) and (rec.get("status") == "ok" or (rec.get("status") == "skipped" and bool(rec.get("output_uri"))))
-
     newer = [f for f in list_files(join(output, "rows"), suffix=".json")
              if not made(done.get(posixpath.basename(f)[: -len(".json")]))]
     for f, data in read_many(newer).items():
@@ -139,7 +141,7 @@ def plan_job(manifest_uri: str, cfg: BatchJobConfig) -> tuple[Manifest, dict[str
     results: dict[str, dict] = {}
     for sid in manifest.ids:
         prev = previous.get(sid)
-        if (prev and prev.get("status") in ("ok", "skipped") and prev.get("output_uri")
+        if (made(prev) and prev.get("output_uri")
                 and (prev["output_uri"] in videos or exists(prev["output_uri"]))):  # exists: an output spelt otherwise
             results[sid] = {**prev, "status": "skipped", "error": "done in an earlier run"}
     return manifest, results

@@ -32,7 +32,7 @@ BATCH_COUPLED = {"first_block"}  # caches whose decision reads every row of the 
 CALIBRATION_PROMPT = "a video"  # magcache's calibration input: fixed, so its table never depends on the rows
 # what a GenerationConfig field left unset (None) means for each cache: its setting measured best on the trained
 # effects backbone (docs/BENCHMARKS.md item 8; magcache's on the quality item too, docs/measurements/
-# step_cost_quality.md). Fields a cache does not read take UNUSED
+# step_cost_quality.md). Its keys are the fields that cache reads; the others take UNUSED
 CACHE_DEFAULTS = {
     "none": {},
     "pyramid_attention": {"interval": 3, "timesteps": (50, 950)},
@@ -70,11 +70,8 @@ def step_options(config) -> tuple[int, tuple[int, int], float]:
 def cache_signature(config) -> dict:
     """The step cache as it changes the videos: its name and only the settings it reads, as plain numbers."""
     interval, timesteps, threshold = step_options(config)
-    reads = {"none": (), "pyramid_attention": ("interval", "timesteps"), "faster": ("interval", "timesteps"),
-             "taylorseer": ("interval", "timesteps"), "first_block": ("threshold",),
-             "magcache": ("interval", "timesteps", "threshold")}[config.step_cache]
     values = {"interval": interval, "timesteps": list(timesteps), "threshold": threshold}
-    return {"cache": config.step_cache, **{k: values[k] for k in reads}}
+    return {"cache": config.step_cache, **{k: values[k] for k in CACHE_DEFAULTS[config.step_cache]}}
 
 
 def resolved(config):
