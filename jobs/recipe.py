@@ -51,7 +51,7 @@ STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselin
 # a conv stem over the latent: the hypernetwork learns to tell effects apart about twice as fast (docs/EFFECTS.md)
 HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 # compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
-COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
+COMBO_CONFIG = {"hyper": {**HYPER_CONFIG["hyper"], "reference_features": ["frame_norm"]}, "lora": {"rank": 2}}
 RUN_NAME = "hypernet"  # the Ray Train run under <out>/train: its checkpoints are the select stage's candidates
 logger = logging.getLogger("recipe")
 

@@ -174,6 +174,51 @@ def test_lora_head_init_starts_at_zero_with_a_gradient_tiny_unchanged(tmp_path):
         HyperConfig(head_init="zeros")
 
 
+def test_reference_features_read_motion_whatever_the_frames_look_like(tmp_path):
+    """"frame_norm" and "correlation" do not move when every frame's channels are rescaled and shifted (a colour,
+    brightness or contrast change, e.g. a fade), "correlation" peaks at the shift that carries a frame onto the next,
+    and a model reading them round-trips through save/from_pretrained; the paper's "latent" stays the default."""
+    from video2lora.config import HyperConfig, LoRAConfig, Video2LoRAConfig
+    from video2lora.hypernet import frame_correlation, frame_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, 6, generator=g)
+    scale, shift = torch.rand(2, 4, 5, 1, 1, generator=g) + 0.2, torch.randn(2, 4, 5, 1, 1, generator=g)
+    torch.testing.assert_close(frame_norm(x * scale + shift), frame_norm(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(frame_correlation(x * scale + shift, 2), frame_correlation(x, 2), atol=1e-5, rtol=0)
+    assert frame_correlation(x, 2).shape == (2, 25, 5, 6, 6) and frame_correlation(x, 2)[:, :, 0].abs().max() == 0
+    # content moving one column right: position (y, x) of frame 1 is (y, x - 1) of frame 0, offset (0, -1)
+    still = torch.randn(1, 4, 1, 8, 8, generator=g)
+    moving = torch.cat([still, torch.roll(still, 1, dims=-1)], dim=2)
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    peak = frame_correlation(moving, 1)[0, :, 1, 2:6, 2:6].mean((1, 2)).argmax()
+    assert offsets[peak] == (0, -1)
+
+    def build(**hyper):
+        torch.manual_seed(0)
+        return Video2LoRAModel(Video2LoRAConfig(
+            lora=LoRAConfig(rank=2, down=8, up=6), layers=[(f"l{i}", 16, 12) for i in range(2)], latent_channels=4,
+            hyper=HyperConfig(width=16, num_blocks=1, num_heads=2, iterations=2, stem_channels=8, **hyper)))
+
+    assert HyperConfig().reference_features == ("latent",)
+    model = build(reference_features=["frame_norm", "correlation"])
+    latents = torch.randn(1, 4, 5, 6, 6, generator=g)
+    # the stem reads 4 standardised channels and 25 correlations, and the LoRA ignores a fade of the reference
+    assert model.hypernet.stem[0].in_channels == 4 + 25
+    torch.testing.assert_close(model.predict(latents * 0.3 + 1.0)[0], model.predict(latents)[0], atol=1e-4, rtol=0)
+    assert (model.predict(latents.flip(2))[0] - model.predict(latents)[0]).abs().max() > 1e-4
+    model.save_pretrained(str(tmp_path / "features"))
+    loaded = Video2LoRAModel.from_pretrained(str(tmp_path / "features"))
+    assert loaded.config.hyper.reference_features == ("frame_norm", "correlation")
+    torch.testing.assert_close(loaded.predict(latents)[0], model.predict(latents)[0], atol=0, rtol=0)
+    old = build().config.to_dict()  # a config.json written before the field existed reads the latent alone
+    del old["hyper"]["reference_features"], old["hyper"]["correlation_radius"]
+    assert Video2LoRAConfig.from_dict(old) == build().config
+    for bad in (["optical_flow"], [], ["latent", "latent"]):
+        with pytest.raises(ValueError, match="reference_features"):
+            HyperConfig(reference_features=bad)
+
+
 def test_pickle_checkpoint_is_refused(generator, tmp_path):
     model = generator.model
     model.save_pretrained(str(tmp_path / "ckpt"))

@@ -43,6 +43,7 @@ class LoRAConfig:
 
 
 HEAD_INITS = ("tiny", "lora")  # HyperConfig.head_init
+REFERENCE_FEATURES = ("latent", "frame_norm", "correlation")  # HyperConfig.reference_features
 
 
 @dataclass
@@ -64,10 +65,24 @@ class HyperConfig:
     # random (A_pred rows of about unit norm after the refinement iterations, as the warm start's tables), B_pred's
     # zero: the predicted LoRA is exactly zero at the start, but B_pred's rows get a gradient from the first step
     head_init: str = "tiny"
+    # what the hypernetwork reads of the reference latent, stacked as channels: "latent" (the paper's: the latent
+    # as it is), "frame_norm" (each frame standardised per channel over space, so a global colour, brightness or
+    # contrast change does not move it) and "correlation" (how each position of a frame matches the positions of
+    # the frame before, within correlation_radius: motion, whatever the frames look like). Measured in
+    # docs/EFFECTS.md: a look seen with other motions in training hides the motion from "latent" alone.
+    reference_features: tuple[str, ...] = ("latent",)
+    correlation_radius: int = 2
 
     def __post_init__(self):
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"hyper.head_init {self.head_init!r}: expected one of {HEAD_INITS}")
+        self.reference_features = tuple(self.reference_features)
+        bad = [f for f in self.reference_features if f not in REFERENCE_FEATURES]
+        if bad or not self.reference_features or len(set(self.reference_features)) < len(self.reference_features):
+            raise ValueError(f"hyper.reference_features {list(self.reference_features)}: expected distinct names "
+                             f"from {list(REFERENCE_FEATURES)}, at least one")
+        if self.correlation_radius < 0:
+            raise ValueError(f"hyper.correlation_radius {self.correlation_radius}: expected 0 or more")
 
 
 @dataclass

@@ -60,6 +60,26 @@ class EncoderBlock(nn.Module):
         return video + self.mlp(self.norm2(video))
 
 
+def frame_norm(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, F, h, w): every frame's channels standardised over space (a flat frame becomes zeros)."""
+    mean = latents.mean(dim=(-2, -1), keepdim=True)
+    std = latents.std(dim=(-2, -1), keepdim=True, correction=0).clamp_min(1e-3)
+    return (latents - mean) / std
+
+
+def frame_correlation(latents: torch.Tensor, radius: int) -> torch.Tensor:
+    """(N, (2r+1)^2, F, h, w): cosine similarity of each position's standardised feature vector with the previous
+    frame's vectors shifted by (dy, dx), |dy|, |dx| <= radius (a cost volume, as optical-flow networks use);
+    zeros for the first frame and outside the frame."""
+    v = F.normalize(frame_norm(latents), dim=1)
+    h, w = v.shape[-2:]
+    r = radius
+    prev, cur = F.pad(v[:, :, :-1], (r, r, r, r)), v[:, :, 1:]
+    sims = [(cur * prev[..., r + dy : r + dy + h, r + dx : r + dx + w]).sum(1)
+            for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    return F.pad(torch.stack(sims, 1), (0, 0, 0, 0, 1, 0))
+
+
 def init_head(head: nn.Linear, kind: str, std: float, rank: int, down: int, iterations: int) -> None:
     """Initialise the prediction head, whose first rank * down outputs are A_pred and the rest B_pred.
 
@@ -90,8 +110,12 @@ class HyperNetwork(nn.Module):
         w = hc.width
         # the paper projects latent patches linearly; a conv stem lets each token see its neighbours in space and
         # time (motion, flicker), which a token-wise projection followed by attention pooling learns only slowly
-        c = hc.stem_channels or config.latent_channels
-        self.stem = (nn.Sequential(nn.Conv3d(config.latent_channels, c, 3, padding=1), nn.GELU(),
+        self.features, self.radius = hc.reference_features, hc.correlation_radius
+        sizes = {"latent": config.latent_channels, "frame_norm": config.latent_channels,
+                 "correlation": (2 * self.radius + 1) ** 2}
+        c_in = sum(sizes[f] for f in self.features)
+        c = hc.stem_channels or c_in
+        self.stem = (nn.Sequential(nn.Conv3d(c_in, c, 3, padding=1), nn.GELU(),
                                    nn.Conv3d(c, c, 3, padding=1), nn.GELU())
                      if hc.stem_channels else nn.Identity())
         self.video_proj = nn.Linear(c * self.patch**2, w)
@@ -107,8 +131,13 @@ class HyperNetwork(nn.Module):
         self.head = nn.Linear(w, lc.pred_size)
         init_head(self.head, hc.head_init, hc.head_init_std, lc.rank, lc.down, hc.iterations)
 
+    def reference_features(self, latents: torch.Tensor) -> torch.Tensor:
+        make = {"latent": lambda x: x, "frame_norm": frame_norm,
+                "correlation": lambda x: frame_correlation(x, self.radius)}
+        return torch.cat([make[f](latents) for f in self.features], dim=1) if self.features != ("latent",) else latents
+
     def video_tokens(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = self.stem(latents)
+        latents = self.stem(self.reference_features(latents))
         n, c, f, h, w = latents.shape
         p = self.patch
         latents = F.pad(latents, (0, (-w) % p, 0, (-h) % p))
