@@ -106,10 +106,11 @@ class TooManyFailures(RuntimeError):
     pass
 
 
-def check_artifacts(cfg: BatchJobConfig) -> None:
+def check_artifacts(cfg: BatchJobConfig) -> str:
     """Load the checkpoint once on the driver (safetensors and config only: a pickle is refused, never unpickled)
     and check that the backbone is a pipeline directory, so a bad --checkpoint or --backbone fails at once with
-    one clear message rather than in every actor."""
+    one clear message rather than in every actor. Returns the checkpoint's identity, from the bytes it read."""
+    from pipelines.fingerprint import checkpoint_files, checkpoint_identity
     from video2lora.hypernet import Video2LoRAModel
 
     if not cfg.checkpoint:
@@ -117,9 +118,11 @@ def check_artifacts(cfg: BatchJobConfig) -> None:
     if not exists(join(cfg.backbone, "model_index.json")):
         raise SetupError(f"--backbone {redact(cfg.backbone)} is not a diffusers pipeline directory (no model_index.json)")
     try:
-        Video2LoRAModel.from_pretrained(cfg.checkpoint)
+        files = checkpoint_files(cfg.checkpoint)
+        Video2LoRAModel.from_bytes(*files, cfg.checkpoint)
     except Exception as e:  # noqa: BLE001 - whatever the reason, the job cannot start
         raise SetupError(f"--checkpoint {redact(cfg.checkpoint)} cannot be used: {error_text(e)}") from None
+    return checkpoint_identity(cfg.checkpoint, files)
 
 
 def _remove_partial_writes(output: str) -> None:
@@ -173,14 +176,14 @@ def _forget(output: str, sid: str) -> None:
     remove(safe_child(join(output, "rows"), f"{sid}.json"))
 
 
-def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig):
+def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobConfig, checkpoint_id: str | None = None):
     """The rows to run, with their typed settings, as DataFrames of one generation batch each, read from the
     manifest a batch of rows at a time (never all of it at once). Rows done earlier (in `results`) are left out,
     unless they were made from other inputs or settings than the manifest row's now: then the planning stops with
     ChangedRows naming them, or with cfg.redo_changed they are made again. A row the driver refuses is added to
-    `results` as failed, with the reason."""
+    `results` as failed, with the reason. `checkpoint_id`: from check_artifacts, so the checkpoint is read once."""
     defaults = dataclasses.asdict(cfg.generation)
-    job = job_signature(cfg)
+    job = job_signature(cfg, checkpoint_id)
     step = max(cfg.batch_size, 1)
     todo, changed, unchecked = [], [], 0
     for rows in manifest.batches():
@@ -245,8 +248,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     limit = failure_limit(cfg.max_failures, len(ids))
     to_run = len(ids) - len(results)
     logger.info("%d rows: %d to do, %d done earlier", len(ids), to_run, len(results))
-    if to_run or cfg.redo_changed:
-        check_artifacts(cfg)
+    checkpoint_id = check_artifacts(cfg) if to_run or cfg.redo_changed else None
     _remove_partial_writes(cfg.output)
 
     init_ray()  # actors' warnings and errors reach the driver's log (`ray job logs`); their INFO stays in their files
@@ -268,7 +270,7 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     # store one by one (the driver never holds all rows): a repartition would run as tasks of 1 CPU, which never
     # get scheduled once the actors hold more than all CPUs but one (e.g. 2 generation actors + the hypernetwork
     # actor at 0.5 CPU each on 2 CPUs), and the job would hang
-    blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg)]  # ChangedRows: nothing written
+    blocks = [ray.put(block) for block in planned_blocks(manifest, results, cfg, checkpoint_id)]  # ChangedRows: nothing written
     # which manifest made this output: the gallery page reads its prompts and references
     manifest_abs = manifest_uri if "://" in manifest_uri else os.path.abspath(manifest_uri)
     write_bytes_atomic(join(cfg.output, JOB_NAME), json.dumps({"manifest": manifest_abs}).encode())

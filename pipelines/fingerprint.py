@@ -28,13 +28,18 @@ def _digest(parts) -> str:
     return h.hexdigest()[:20]
 
 
-def checkpoint_identity(uri: str) -> str:
-    """The Video2LoRA checkpoint by its config and weights bytes ("" for none)."""
+def checkpoint_files(uri: str) -> tuple[bytes, bytes]:
+    """The Video2LoRA checkpoint's config and weights bytes."""
     from video2lora.hypernet import CONFIG_NAME, WEIGHTS_NAME
 
+    return read_bytes(join(uri, CONFIG_NAME)), read_bytes(join(uri, WEIGHTS_NAME))
+
+
+def checkpoint_identity(uri: str, files: tuple[bytes, bytes] | None = None) -> str:
+    """The Video2LoRA checkpoint by its config and weights bytes ("" for none); `files`: those bytes, if read."""
     if not uri:
         return ""
-    return _digest(read_bytes(join(uri, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    return _digest(files or checkpoint_files(uri))
 
 
 def backbone_identity(uri: str) -> str:
@@ -51,12 +56,13 @@ def backbone_identity(uri: str) -> str:
     return _digest(parts)
 
 
-def job_signature(cfg) -> dict:
-    """What, beside its own columns, makes every row's video (cfg: a BatchJobConfig)."""
+def job_signature(cfg, checkpoint_id: str | None = None) -> dict:
+    """What, beside its own columns, makes every row's video (cfg: a BatchJobConfig). `checkpoint_id`: the
+    checkpoint's identity if already computed (its weights, 155-310 MB at 5B, are then not read again)."""
     from video2lora.backbones.step_cost import cache_signature
 
     g = cfg.generation
-    return {"checkpoint": checkpoint_identity(cfg.checkpoint), "backbone": backbone_identity(cfg.backbone),
+    return {"checkpoint": checkpoint_identity(cfg.checkpoint) if checkpoint_id is None else checkpoint_id, "backbone": backbone_identity(cfg.backbone),
             "fps": int(g.fps), "vae_tiling": g.vae_tiling,
             "reference_size": [int(g.num_frames), int(g.height), int(g.width)],  # references are decoded at it
             "step_cache": cache_signature(g)}

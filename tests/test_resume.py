@@ -151,3 +151,36 @@ def test_fingerprints_hold_across_spellings_and_name_what_changed(tmp_path, monk
     redo = BatchJobConfig(**{**same.__dict__, "redo_changed": True})
     todo, settled = _plan("data/m.parquet", redo, _done(first, out))
     assert list(todo) == ["s1"] and "s1" not in settled and not (out / "rows" / "s1.json").exists()
+
+
+def test_the_driver_reads_the_checkpoint_weights_once(tmp_path, monkeypatch, tiny_backbone_dir):
+    """check_artifacts loads the checkpoint and hands on its identity, so planning the rows does not read the
+    weights again (155-310 MB at 5B, from S3), and the rows' fingerprints are the same as when planning reads them."""
+    import pandas as pd
+
+    from pipelines.config import BatchJobConfig
+    from video2lora import storage
+    from video2lora.config import GenerationConfig
+    from video2lora.hypernet import WEIGHTS_NAME
+    from conftest import save_model_for
+
+    pd.DataFrame([{"sample_id": f"s{i}", "reference_uri": f"c{i}.mp4", "prompt": "a red circle"} for i in range(3)]
+                 ).to_parquet(tmp_path / "m.parquet", index=False)
+    ckpt = save_model_for(tiny_backbone_dir, str(tmp_path / "ckpt"))
+    cfg = BatchJobConfig(output=str(tmp_path / "out"), backbone=tiny_backbone_dir, checkpoint=ckpt,
+                         generation=GenerationConfig(num_frames=9, height=32, width=32, steps=2))
+    expected, _ = _plan(str(tmp_path / "m.parquet"), cfg)
+    weights_read = []
+    original = storage.read_bytes
+
+    def counting(uri):
+        weights_read.extend([uri] if uri.endswith(WEIGHTS_NAME) else [])
+        return original(uri)
+
+    monkeypatch.setattr("video2lora.storage.read_bytes", counting)
+    monkeypatch.setattr("pipelines.fingerprint.read_bytes", counting)
+    manifest, settled = batch.plan_job(str(tmp_path / "m.parquet"), cfg)
+    checkpoint_id = batch.check_artifacts(cfg)
+    planned = {r["sample_id"]: r["row_fingerprint"]
+               for b in batch.planned_blocks(manifest, settled, cfg, checkpoint_id) for r in b.to_dict("records")}
+    assert len(weights_read) == 1 and planned == expected

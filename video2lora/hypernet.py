@@ -212,12 +212,20 @@ class Video2LoRAModel(nn.Module):
     def from_pretrained(cls, uri: str, map_location: str | torch.device = "cpu") -> "Video2LoRAModel":
         from .storage import join, read_bytes
 
-        config_bytes = read_bytes(join(uri, CONFIG_NAME))
+        return cls.from_bytes(read_bytes(join(uri, CONFIG_NAME)), read_bytes(join(uri, WEIGHTS_NAME)), uri,
+                              map_location)
+
+    @classmethod
+    def from_bytes(cls, config_bytes: bytes, weights_bytes: bytes, uri: str = "",
+                   map_location: str | torch.device = "cpu") -> "Video2LoRAModel":
+        """The checkpoint from its two files' bytes, already read (`uri` names them in errors)."""
+        from .storage import join
+
         try:
             config = Video2LoRAConfig.from_dict(json.loads(config_bytes))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{join(uri, CONFIG_NAME)}: not a Video2LoRA config ({e})") from e
-        state = load_safetensors_bytes(read_bytes(join(uri, WEIGHTS_NAME)), join(uri, WEIGHTS_NAME))
+        state = load_safetensors_bytes(weights_bytes, join(uri, WEIGHTS_NAME))
         model = cls(config)
         expected = model.state_dict()
         missing, unexpected = set(expected) - set(state), set(state) - set(expected)
