@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from video2lora.backbones.step_cost import parse_timesteps
 from video2lora.config import GenerationConfig
 
 
@@ -104,10 +105,9 @@ def step_cost_overrides(a) -> dict:
             out[name] = getattr(a, name)
     if getattr(a, "step_cache_timesteps", None) and a.step_cache_timesteps.strip().lower() != "auto":
         try:
-            low, high = (int(v) for v in a.step_cache_timesteps.split(","))
+            out["step_cache_timesteps"] = parse_timesteps(a.step_cache_timesteps)
         except ValueError:
             raise ValueError(f"--step-cache-timesteps={a.step_cache_timesteps!r}: give LOW,HIGH, e.g. 100,800") from None
-        out["step_cache_timesteps"] = (low, high)
     for name in ("compile_blocks", "fuse_qkv"):
         if getattr(a, name, None) is not None:
             out[name] = getattr(a, name) == "on"

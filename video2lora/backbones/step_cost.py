@@ -44,6 +44,12 @@ CACHE_DEFAULTS = {
 UNUSED = {"interval": 2, "timesteps": (0, 1000), "threshold": 1.0}
 
 
+def parse_timesteps(text: str) -> tuple[int, int]:
+    """"LOW,HIGH" (a flag, a Serve YAML string) -> (low, high); ValueError for anything else."""
+    low, high = (int(v) for v in text.split(","))
+    return low, high
+
+
 def step_options(config) -> tuple[int, tuple[int, int], float]:
     """(interval, timesteps, threshold) of a GenerationConfig: a field left unset (None) takes its cache's
     measured default (CACHE_DEFAULTS). Raises ValueError naming the field for settings no cache can take."""
@@ -54,8 +60,8 @@ def step_options(config) -> tuple[int, tuple[int, int], float]:
         ("interval", config.step_cache_interval), ("timesteps", config.step_cache_timesteps),
         ("threshold", config.step_cache_threshold)))
     try:
-        if isinstance(timesteps, str):  # "low,high", as on the command line
-            timesteps = [int(v) for v in timesteps.split(",")]
+        if isinstance(timesteps, str):
+            timesteps = parse_timesteps(timesteps)
         if isinstance(interval, bool) or float(interval) != int(float(interval)) or len(timesteps) != 2:
             raise ValueError
         interval, timesteps, threshold = int(float(interval)), (int(timesteps[0]), int(timesteps[1])), float(threshold)
