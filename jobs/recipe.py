@@ -29,8 +29,7 @@ Stages (each is skipped when its output is already there, so a rerun resumes; `-
 9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (three methods,
               every cell with its standard error) and contact sheets.
 
-Progress lines per stage, a banner per stage, and every stage's wall time (also in <out>/recipe.json). Numbers of
-the runs: docs/EFFECTS.md.
+Progress lines, a banner and the wall time of every stage (also in <out>/recipe.json); numbers: docs/EFFECTS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselin
 # a conv stem over the latent: the hypernetwork learns to tell effects apart about twice as fast (docs/EFFECTS.md)
 HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 # compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
-COMBO_CONFIG = {"hyper": {**HYPER_CONFIG["hyper"], "reference_features": ["frame_norm"]}, "lora": {"rank": 2}}
+COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
 RUN_NAME = "hypernet"  # the Ray Train run under <out>/train: its checkpoints are the select stage's candidates
 logger = logging.getLogger("recipe")
 
@@ -80,16 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--table-steps", type=int, default=None,
                    help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for compounds)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
+    p.add_argument("--reference-features", default="", help="what the hypernetwork reads of a reference "
+                   "(HyperConfig.reference_features, comma-separated; default frame_norm for compounds, else latent)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for compounds)")
-    p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="steps between saved checkpoints; each is a candidate of the select stage")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (select's candidates)")
     p.add_argument("--train-lr", type=float, default=1e-4)
     p.add_argument("--baseline-steps", type=int, default=4000,
                    help="per-effect LoRAs: at most this many steps; each effect stops on its own validation loss")
     p.add_argument("--baseline-rank", type=int, default=4)
-    p.add_argument("--val-seed", type=int, default=101,
-                   help="select: candidate checkpoints are compared on references and prompts of this seed")
+    p.add_argument("--val-seed", type=int, default=101, help="select: checkpoints are compared on this seed's rows")
     p.add_argument("--test-seed", "--eval-seed", dest="test_seed", type=int, default=202,
                    help="evaluate: the reported table, on a seed no choice was made on")
     p.add_argument("--refs-per-effect", type=int, default=8)
@@ -160,9 +159,10 @@ def stage_prepare(a, paths) -> None:
 def stage_warmstart(a, paths) -> None:
     combo = a.world != "single"  # compounds: a factorised warm start
     table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35-36 compounds share them
+    config = json.loads(json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG))
+    config["hyper"]["reference_features"] = (a.reference_features or ("frame_norm" if combo else "latent")).split(",")
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
-         paths["backbone"], "--output", paths["warmstart"],
-         "--model-config", json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG),
+         paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(config),
          "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps),
          # one process alone on the machine: up to 2 threads pay off here even where the Ray stages use 1
          "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))] + (["--factorise"] if combo else []),

@@ -51,6 +51,8 @@ def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands
     assert arg(pretrain, "--effects") == "combo-world"
     assert "--factorise" in warm and json.loads(arg(warm, "--model-config"))["lora"]["rank"] == 2
     assert arg(warm, "--table-steps") == "2000"
+    # compounds read standardised frames (a look's colour or brightness change hid the motion: docs/EFFECTS.md)
+    assert json.loads(arg(warm, "--model-config"))["hyper"]["reference_features"] == ["frame_norm"]
     assert arg(evaluate, "--effects") == "combo-eval"
     # one end-to-end run of 2000 steps (the shipped checkpoint's budget), every checkpoint kept for the select stage
     assert arg(train, "--max-steps") == "2000" and arg(train, "--checkpoint-every") == "500"
@@ -80,7 +82,11 @@ def test_single_world_is_unchanged(commands, tmp_path):
     assert arg(data, "--effects") == "all" and "none" in arg(judge_train, "--effects").split(",")
     assert "--init" not in pretrain and arg(pretrain, "--vae-minutes") == "8.0"
     assert "--factorise" not in warm and "lora" not in json.loads(arg(warm, "--model-config"))
+    assert json.loads(arg(warm, "--model-config"))["hyper"]["reference_features"] == ["latent"]
     assert arg(warm, "--table-steps") == "800" and arg(evaluate, "--effects") == "all"
+    commands.clear()  # an earlier run's choice, reproduced
+    recipe.stage_warmstart(recipe.parse_args(["--world", "combo", "--reference-features", "latent,correlation"]), p)
+    assert json.loads(arg(commands[0], "--model-config"))["hyper"]["reference_features"] == ["latent", "correlation"]
     assert arg(train, "--max-steps") == "1000" and arg(train, "--keep-checkpoints") == "2"
 
 
