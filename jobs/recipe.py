@@ -12,23 +12,19 @@ seen with other partners). `--world families`: points of continuous families ("s
 pairings trained, 13 held out (new pairings, new points, and a family no training clip has). The backbone (from
 scratch or `--init-backbone`, its VAE kept) and the judge learn every label of the world. Only combo ships.
 
-Stages (each is skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
-
+Stages (each skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 1. data       jobs/make_effects.py: the hypernetwork's clips (seed 0), the judge's training (1) and test (2) clips;
 2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on captioned clips of every effect;
 3. judge      jobs/evaluate.py --train-classifier: the effect / content classifier on real clips;
 4. prepare    jobs/prepare.py (Ray Data): every training clip through the frozen VAE and text encoder, once;
-5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect, then the hypernetwork regressed onto
-              them (without this warm start the diffusion loss alone ignores the reference: docs/EFFECTS.md);
+5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect, the hypernetwork regressed onto them
+              (without it the diffusion loss alone ignores the reference: docs/EFFECTS.md);
 6. train      jobs/train.py --init-checkpoint (Ray Train, ZeRO-2, 2 CPU workers): end to end with the diffusion
               loss, on the training effects only, references paired by effect as in the paper;
-7. baselines  video2lora.effects.baselines: one ordinary LoRA per evaluated effect, each early-stopped on its
-              own validation loss;
-8. select     jobs/evaluate.py on the validation seed (--val-seed) for every checkpoint the train stage kept: the
-              best (mean of seen and pooled held-out effect accuracy) becomes <out>/checkpoint (selection.md);
-9. evaluate   jobs/evaluate.py on the test seed (--test-seed), which no choice looked at: the table (three methods,
-              every cell with its standard error) and contact sheets.
-
+7. baselines  video2lora.effects.baselines: one ordinary LoRA per evaluated effect, early-stopped on its own loss;
+8. select     jobs/evaluate.py on --val-seed for every checkpoint kept: the best (mean of seen and pooled held-out
+              effect accuracy) becomes <out>/checkpoint (selection.md);
+9. evaluate   jobs/evaluate.py on --test-seed, which no choice looked at: the table, with standard errors.
 Progress lines, a banner and the wall time of every stage (also in <out>/recipe.json); numbers: docs/EFFECTS.md.
 """
 
@@ -62,13 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo the selected stages even if their outputs exist")
     p.add_argument("--world", choices=("single", "combo", "families"), default="single",
                    help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
-    p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept) "
-                   "instead of pretraining from scratch (the shipped compound backbone came from a single-world one)")
+    p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
-    p.add_argument("--backbone", default="",
-                   help="use this pretrained frozen backbone as it is (no pretrain stage), e.g. "
-                        "video2lora/assets/checkpoint/backbone: how the shipped compound checkpoint is reproduced")
+    p.add_argument("--backbone", default="", help="use this pretrained frozen backbone as it is (no pretrain "
+                   "stage), e.g. video2lora/assets/checkpoint/backbone, as the shipped checkpoint's command does")
     p.add_argument("--classifier", default="", help="use this trained judge as it is (no judge stage, no judge data)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
     p.add_argument("--pretrain-device", default="cpu", help="cuda: the backbone pretraining on a GPU")
@@ -80,20 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for compounds)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
     p.add_argument("--reference-features", default="", help="what the hypernetwork reads of a reference "
-                   "(HyperConfig.reference_features, comma-separated; default frame_norm for compounds, else latent)")
+                   "(HyperConfig.reference_features, comma-separated; default frame_norm for combo, else latent)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for compounds)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (select's candidates)")
     p.add_argument("--train-lr", type=float, default=1e-4)
-    p.add_argument("--baseline-steps", type=int, default=4000,
-                   help="per-effect LoRAs: at most this many steps; each effect stops on its own validation loss")
+    p.add_argument("--baseline-steps", type=int, default=4000, help="per-effect LoRAs: at most (each early-stops)")
     p.add_argument("--baseline-rank", type=int, default=4)
     p.add_argument("--val-seed", type=int, default=101, help="select: checkpoints are compared on this seed's rows")
-    p.add_argument("--test-seed", "--eval-seed", dest="test_seed", type=int, default=202,
-                   help="evaluate: the reported table, on a seed no choice was made on")
+    p.add_argument("--test-seed", "--eval-seed", dest="test_seed", type=int, default=202, help="evaluate: the table's seed")
     p.add_argument("--refs-per-effect", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (1: on a shared 2-core machine OpenMP spinning costs more than it gives)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: OpenMP spinning costs)")
     p.add_argument("--ship", action="store_true", help="copy checkpoint + backbone + judge + baselines into video2lora/assets")
     return p.parse_args(argv)
 
@@ -114,16 +105,13 @@ def world_labels(a) -> tuple[str, str, str]:
 
 
 def stage_data(a, paths) -> None:
-    py = sys.executable
     effects, labels, _ = world_labels(a)
-    run([py, "jobs/make_effects.py", "--out", paths["data"], "--seed", "0", "--clips-per-effect",
-         str(a.clips_per_effect), "--effects", effects])
-    if a.classifier:  # a trained judge is given: it needs no clips
-        return
-    run([py, "jobs/make_effects.py", "--out", paths["judge_train"], "--seed", "1", "--clips-per-effect",
-         str(a.judge_clips), "--effects", labels])
-    run([py, "jobs/make_effects.py", "--out", paths["judge_test"], "--seed", "2", "--clips-per-effect",
-         str(max(1, a.judge_clips // 3)), "--effects", labels])
+    sets = [("data", 0, a.clips_per_effect, effects)]
+    if not a.classifier:  # a trained judge given needs no clips
+        sets += [("judge_train", 1, a.judge_clips, labels), ("judge_test", 2, max(1, a.judge_clips // 3), labels)]
+    for name, seed, clips, which in sets:
+        run([sys.executable, "jobs/make_effects.py", "--out", paths[name], "--seed", str(seed), "--clips-per-effect",
+             str(clips), "--effects", which])
 
 
 def stage_pretrain(a, paths) -> None:
@@ -140,9 +128,8 @@ def stage_pretrain(a, paths) -> None:
 
 
 def stage_judge(a, paths) -> None:
-    run([sys.executable, "jobs/evaluate.py", "--train-classifier", "--classifier-train",
-         os.path.join(paths["judge_train"], "clips.parquet"), "--classifier-test",
-         os.path.join(paths["judge_test"], "clips.parquet"), "--classifier-out", paths["classifier"],
+    run([sys.executable, "jobs/evaluate.py", "--train-classifier", "--classifier-train", f"{paths['judge_train']}/clips.parquet",
+         "--classifier-test", f"{paths['judge_test']}/clips.parquet", "--classifier-out", paths["classifier"],
          "--threads", str(a.threads)])
 
 
@@ -156,11 +143,21 @@ def stage_prepare(a, paths) -> None:
          os.path.join(paths["train"], "prepared")], env=_env())
 
 
+def reference_features(a) -> list[str]:
+    """--reference-features as names (default frame_norm for --world combo, where it was measured; else latent)."""
+    from video2lora.config import HyperConfig
+    names = [n.strip() for n in (a.reference_features or ("frame_norm" if a.world == "combo" else "latent")).split(",")]
+    try:
+        return list(HyperConfig(reference_features=names).reference_features)
+    except ValueError as e:
+        raise ValueError(f"--reference-features {a.reference_features!r}: {e}") from None
+
+
 def stage_warmstart(a, paths) -> None:
     combo = a.world != "single"  # compounds: a factorised warm start
     table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35-36 compounds share them
     config = json.loads(json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG))
-    config["hyper"]["reference_features"] = (a.reference_features or ("frame_norm" if combo else "latent")).split(",")
+    config["hyper"]["reference_features"] = reference_features(a)
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(config),
          "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps),
@@ -255,10 +252,7 @@ def stage_select(a, paths) -> None:
         if earlier and (a.force or not same):
             shutil.rmtree(out)
         if not os.path.exists(done):
-            run([sys.executable, "jobs/evaluate.py", "--checkpoint", model, "--backbone", paths["backbone"],
-                 "--classifier", paths["classifier"], "--seed", str(a.val_seed), "--refs-per-effect",
-                 str(a.refs_per_effect), "--no-per-effect", "--output", out, "--threads", str(a.threads), "--step-cache", "none",
-                 "--effects", world_labels(a)[2]])
+            run(evaluate_command(a, paths, model, a.val_seed, out) + ["--no-per-effect"])
         with open(done) as f:
             cells = json.load(f)["table"]
         rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
@@ -275,11 +269,16 @@ def stage_select(a, paths) -> None:
     print(text, flush=True)
 
 
+def evaluate_command(a, paths, checkpoint, seed, out) -> list[str]:
+    """jobs/evaluate.py on `seed`'s rows of the evaluated effects, the paper's sampler exactly (no step cache)."""
+    return [sys.executable, "jobs/evaluate.py", "--checkpoint", checkpoint, "--backbone", paths["backbone"],
+            "--classifier", paths["classifier"], "--seed", str(seed), "--refs-per-effect", str(a.refs_per_effect),
+            "--output", out, "--threads", str(a.threads), "--step-cache", "none", "--effects", world_labels(a)[2]]
+
+
 def stage_evaluate(a, paths) -> None:
-    run([sys.executable, "jobs/evaluate.py", "--checkpoint", paths["checkpoint"], "--backbone", paths["backbone"],
-         "--classifier", paths["classifier"], "--per-effect-loras", paths["baselines"], "--seed", str(a.test_seed),
-         "--refs-per-effect", str(a.refs_per_effect), "--output", paths["evaluate"], "--threads", str(a.threads), "--step-cache", "none",
-         "--effects", world_labels(a)[2]])
+    run(evaluate_command(a, paths, paths["checkpoint"], a.test_seed, paths["evaluate"])
+        + ["--per-effect-loras", paths["baselines"]])
 
 
 DONE = {  # (args, paths) -> whether the stage's output is already there
@@ -318,6 +317,34 @@ def ship(paths) -> None:
     print(f"shipped into {dst}")
 
 
+def refusal(a, paths, out, only, recorded) -> str:
+    """Why this run cannot start ("" when it can), before any stage runs."""
+    if [s for s in only if s not in STAGES]:
+        return f"unknown stage(s) {[s for s in only if s not in STAGES]}; stages: {list(STAGES)}"
+    if a.ship and a.world != "combo":  # the tests and the batch job's default evaluate the compound world's labels
+        return f"--ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out"
+    if a.backbone and a.init_backbone:
+        return "--backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other"
+    for flag, given, marker in (("--backbone", a.backbone, "model_index.json"), ("--classifier", a.classifier, "config.json")):
+        if given and not os.path.exists(os.path.join(given, marker)):
+            return f"{flag} {given}: no {marker} there"
+    if a.init_backbone and os.path.abspath(a.init_backbone) == paths["backbone"]:
+        return (f"--init-backbone {a.init_backbone} is this run's own backbone (--out {out}): the pretrain stage "
+                "would skip or overwrite its own starting point; give a run of another --out")
+    try:
+        a.reference_features = ",".join(reference_features(a))  # recorded in recipe.json as used
+    except ValueError as e:
+        return str(e)
+    if os.path.exists(recorded):  # stages are skipped when their outputs exist: never mix two runs in one --out
+        with open(recorded) as f:
+            before = json.load(f).get("args", {})
+        if before.get("world", "single") != a.world:
+            return f"{out} holds a --world {before.get('world', 'single')} run; give another --out for --world {a.world}"
+        if before.get("reference_features") not in (None, "", a.reference_features):
+            return f"{out} holds a run reading {before['reference_features']}; give another --out"
+    return ""
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -329,46 +356,21 @@ def main(argv=None) -> int:
              "checkpoint": f"{out}/checkpoint", "final": f"{out}/train/final", "warmstart": f"{out}/warmstart",
              "baselines": f"{out}/baselines/per_effect_loras.safetensors", "select": f"{out}/select",
              "evaluate": f"{out}/evaluate"}
-    if a.backbone:  # given: used as it is, never rewritten (the pretrain stage is skipped below)
-        paths["backbone"] = os.path.abspath(a.backbone)
-    if a.classifier:
-        paths["classifier"] = os.path.abspath(a.classifier)
+    for name in ("backbone", "classifier"):  # given: used as it is, never rewritten (its stage is skipped below)
+        paths[name] = os.path.abspath(getattr(a, name)) if getattr(a, name) else paths[name]
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(STAGES)
-    unknown = [s for s in only if s not in STAGES]
-    if unknown:
-        print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
-        return 2
-    if a.ship and a.world != "combo":  # the tests and the batch job's default evaluate the compound world's labels
-        print(f"error: --ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out", file=sys.stderr)
-        return 2
-    if a.backbone and a.init_backbone:
-        print("error: --backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other",
-              file=sys.stderr)
-        return 2
-    for flag, given, marker in (("--backbone", a.backbone, "model_index.json"),
-                                ("--classifier", a.classifier, "config.json")):
-        if given and not os.path.exists(os.path.join(given, marker)):
-            print(f"error: {flag} {given}: no {marker} there", file=sys.stderr)
-            return 2
-    if a.init_backbone and os.path.abspath(a.init_backbone) == paths["backbone"]:
-        print(f"error: --init-backbone {a.init_backbone} is this run's own backbone (--out {out}): the pretrain stage "
-              "would skip or overwrite its own starting point; give a run of another --out", file=sys.stderr)
-        return 2
     recorded = os.path.join(out, "recipe.json")
-    if os.path.exists(recorded):  # stages are skipped when their outputs exist: never mix two worlds in one --out
-        with open(recorded) as f:
-            world = json.load(f).get("args", {}).get("world", "single")
-        if world != a.world:
-            print(f"error: {out} holds a --world {world} run; give another --out for --world {a.world}", file=sys.stderr)
-            return 2
+    error = refusal(a, paths, out, only, recorded)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
     timings, start = {}, time.perf_counter()
     for k, name in enumerate(STAGES):
         if name not in only:
             continue
         if (name == "pretrain" and a.backbone) or (name == "judge" and a.classifier):
-            print(f"== [{k + 1}/{len(STAGES)}] {name}: given ({a.backbone if name == 'pretrain' else a.classifier})",
-                  flush=True)
+            print(f"== [{k + 1}/{len(STAGES)}] {name}: given ({paths['backbone' if name == 'pretrain' else 'classifier']})")
             continue
         if DONE[name](a, paths) and not a.force:
             print(f"== [{k + 1}/{len(STAGES)}] {name}: done earlier, skipped", flush=True)
@@ -379,11 +381,9 @@ def main(argv=None) -> int:
         timings[name] = time.perf_counter() - t
         print(f"== {name} finished in {timings[name] / 60:.1f} min", flush=True)
     total = time.perf_counter() - start
-    earlier = {}
     if os.path.exists(recorded):  # a resumed run keeps the wall times of the stages it skipped
         with open(recorded) as f:
-            earlier = json.load(f).get("stage_seconds", {})
-    timings = {**earlier, **timings}
+            timings = {**json.load(f).get("stage_seconds", {}), **timings}
     with open(recorded, "w") as f:
         json.dump({"stage_seconds": timings, "total_seconds": sum(timings.values()), "args": vars(a), "paths": paths},
                   f, indent=2)

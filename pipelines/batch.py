@@ -248,7 +248,8 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     limit = failure_limit(cfg.max_failures, len(ids))
     to_run = len(ids) - len(results)
     logger.info("%d rows: %d to do, %d done earlier", len(ids), to_run, len(results))
-    checkpoint_id = check_artifacts(cfg) if to_run or cfg.redo_changed else None
+    # always: its identity goes into every row's fingerprint, and a checkpoint that cannot be read fails here
+    checkpoint_id = check_artifacts(cfg)
     _remove_partial_writes(cfg.output)
 
     init_ray()  # actors' warnings and errors reach the driver's log (`ray job logs`); their INFO stays in their files

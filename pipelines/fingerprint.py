@@ -62,7 +62,9 @@ def job_signature(cfg, checkpoint_id: str | None = None) -> dict:
     from video2lora.backbones.step_cost import cache_signature
 
     g = cfg.generation
-    return {"checkpoint": checkpoint_identity(cfg.checkpoint) if checkpoint_id is None else checkpoint_id, "backbone": backbone_identity(cfg.backbone),
+    if checkpoint_id is None:
+        checkpoint_id = checkpoint_identity(cfg.checkpoint)
+    return {"checkpoint": checkpoint_id, "backbone": backbone_identity(cfg.backbone),
             "fps": int(g.fps), "vae_tiling": g.vae_tiling,
             "reference_size": [int(g.num_frames), int(g.height), int(g.width)],  # references are decoded at it
             "step_cache": cache_signature(g)}

@@ -1,5 +1,6 @@
 """The library on the tiny CogVideoX backbones: generation, export, artifacts, sizes."""
 
+import json
 import os
 
 import pytest
@@ -211,12 +212,24 @@ def test_reference_features_read_motion_whatever_the_frames_look_like(tmp_path):
     loaded = Video2LoRAModel.from_pretrained(str(tmp_path / "features"))
     assert loaded.config.hyper.reference_features == ("frame_norm", "correlation")
     torch.testing.assert_close(loaded.predict(latents)[0], model.predict(latents)[0], atol=0, rtol=0)
-    old = build().config.to_dict()  # a config.json written before the field existed reads the latent alone
-    del old["hyper"]["reference_features"], old["hyper"]["correlation_radius"]
-    assert Video2LoRAConfig.from_dict(old) == build().config
-    for bad in (["optical_flow"], [], ["latent", "latent"]):
+    # a model reading the latent writes its config.json as before the fields existed (the same bytes, so the same
+    # checkpoint identity), and such a file builds the same model
+    paper = build()
+    paper.save_pretrained(str(tmp_path / "paper"))
+    saved = json.loads((tmp_path / "paper" / "config.json").read_text())
+    assert not {"reference_features", "correlation_radius"} & set(saved["hyper"])
+    again = Video2LoRAModel.from_pretrained(str(tmp_path / "paper"))
+    assert again.hypernet.stem[0].in_channels == 4
+    torch.testing.assert_close(again.predict(latents)[0], paper.predict(latents)[0], atol=0, rtol=0)
+    for bad in (["optical_flow"], [], ["latent", "latent"], "frame_norm", None):
         with pytest.raises(ValueError, match="reference_features"):
             HyperConfig(reference_features=bad)
+    for bad in (2.0, True, "2", -1, 9):
+        with pytest.raises(ValueError, match="correlation_radius"):
+            HyperConfig(correlation_radius=bad)
+    # bf16 weights: the features are computed in float32 (no NaN for a flat frame), then cast
+    flat = torch.zeros(1, 4, 3, 6, 6)
+    assert torch.isfinite(model.to(torch.bfloat16).hypernet.reference_features(flat.to(torch.bfloat16)).float()).all()
 
 
 def test_pickle_checkpoint_is_refused(generator, tmp_path):

@@ -72,6 +72,7 @@ def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_p
     assert arg(data, "--effects") == "families" and arg(judge_train, "--effects") == "families-world"
     assert arg(pretrain, "--effects") == "families-world" and arg(pretrain, "--init") == "/fx/backbone"
     assert "--factorise" in warm and json.loads(arg(warm, "--model-config"))["lora"]["rank"] == 2
+    assert json.loads(arg(warm, "--model-config"))["hyper"]["reference_features"] == ["latent"]  # as measured
     assert arg(train, "--max-steps") == "2000" and arg(evaluate, "--effects") == "families-eval"
 
 
@@ -84,10 +85,25 @@ def test_single_world_is_unchanged(commands, tmp_path):
     assert "--factorise" not in warm and "lora" not in json.loads(arg(warm, "--model-config"))
     assert json.loads(arg(warm, "--model-config"))["hyper"]["reference_features"] == ["latent"]
     assert arg(warm, "--table-steps") == "800" and arg(evaluate, "--effects") == "all"
-    commands.clear()  # an earlier run's choice, reproduced
-    recipe.stage_warmstart(recipe.parse_args(["--world", "combo", "--reference-features", "latent,correlation"]), p)
-    assert json.loads(arg(commands[0], "--model-config"))["hyper"]["reference_features"] == ["latent", "correlation"]
     assert arg(train, "--max-steps") == "1000" and arg(train, "--keep-checkpoints") == "2"
+
+
+def test_reference_features_are_checked_before_any_stage(commands, tmp_path, capsys):
+    """--reference-features latent reproduces the runs before frame_norm; a name the hypernetwork does not know is
+    refused before any stage runs, naming the flag."""
+    p = paths_for(tmp_path)
+    recipe.stage_warmstart(recipe.parse_args(["--world", "combo", "--reference-features", "latent"]), p)
+    recipe.stage_warmstart(recipe.parse_args(["--world", "families", "--reference-features", " frame_norm, correlation"]), p)
+    assert [json.loads(arg(c, "--model-config"))["hyper"]["reference_features"] for c in commands] == [
+        ["latent"], ["frame_norm", "correlation"]]
+    commands.clear()
+    assert recipe.main(["--world", "combo", "--out", str(tmp_path / "r"), "--reference-features", "flow"]) == 2
+    assert "--reference-features" in capsys.readouterr().err and commands == []
+    run = tmp_path / "run"  # a run's warm start read the latent: a rerun with the default would reuse it silently
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps({"args": {"world": "combo", "reference_features": "latent"}}))
+    assert recipe.main(["--world", "combo", "--out", str(run), "--only", "train"]) == 2
+    assert "reading latent" in capsys.readouterr().err and commands == []
 
 
 def test_refuses_to_mix_worlds_or_start_from_its_own_backbone(commands, tmp_path, capsys):

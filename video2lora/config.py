@@ -66,23 +66,26 @@ class HyperConfig:
     # zero: the predicted LoRA is exactly zero at the start, but B_pred's rows get a gradient from the first step
     head_init: str = "tiny"
     # what the hypernetwork reads of the reference latent, stacked as channels: "latent" (the paper's: the latent
-    # as it is), "frame_norm" (each frame standardised per channel over space, so a global colour, brightness or
-    # contrast change does not move it) and "correlation" (how each position of a frame matches the positions of
-    # the frame before, within correlation_radius: motion, whatever the frames look like). Measured in
-    # docs/EFFECTS.md: a look seen with other motions in training hides the motion from "latent" alone.
+    # as it is), "frame_norm" (each frame standardised per channel over space: a per-frame scale (> 0) and shift of
+    # a latent channel, e.g. a fade, does not move it) and "correlation" (cosine similarity of each position with
+    # the previous frame's positions within correlation_radius: motion, unchanged by such scales and shifts).
+    # Measured in docs/measurements/reference_features_2026-12-06/: a look that changes every frame's colour or
+    # brightness hid a held-out compound's motion from "latent" alone.
     reference_features: tuple[str, ...] = ("latent",)
     correlation_radius: int = 2
 
     def __post_init__(self):
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"hyper.head_init {self.head_init!r}: expected one of {HEAD_INITS}")
-        self.reference_features = tuple(self.reference_features)
-        bad = [f for f in self.reference_features if f not in REFERENCE_FEATURES]
-        if bad or not self.reference_features or len(set(self.reference_features)) < len(self.reference_features):
-            raise ValueError(f"hyper.reference_features {list(self.reference_features)}: expected distinct names "
-                             f"from {list(REFERENCE_FEATURES)}, at least one")
-        if self.correlation_radius < 0:
-            raise ValueError(f"hyper.correlation_radius {self.correlation_radius}: expected 0 or more")
+        features = self.reference_features
+        if (not isinstance(features, (list, tuple)) or not features or len(set(features)) < len(features)
+                or any(f not in REFERENCE_FEATURES for f in features)):
+            raise ValueError(f"hyper.reference_features {features!r}: expected a list of distinct names from "
+                             f"{list(REFERENCE_FEATURES)}, at least one")
+        self.reference_features = tuple(features)
+        radius = self.correlation_radius
+        if isinstance(radius, bool) or not isinstance(radius, int) or not 0 <= radius <= 8:
+            raise ValueError(f"hyper.correlation_radius {radius!r}: expected an integer from 0 to 8")
 
 
 @dataclass
@@ -147,7 +150,14 @@ class Video2LoRAConfig:
     backbone: str = "cogvideox"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # fields added later are left out at their defaults: the config.json (and so the checkpoint's identity in
+        # row fingerprints) of a model without them stays as it was, and older code still reads it
+        if d["hyper"]["reference_features"] == ("latent",):
+            del d["hyper"]["reference_features"]
+        if d["hyper"]["correlation_radius"] == 2:
+            del d["hyper"]["correlation_radius"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

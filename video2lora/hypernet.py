@@ -61,7 +61,8 @@ class EncoderBlock(nn.Module):
 
 
 def frame_norm(latents: torch.Tensor) -> torch.Tensor:
-    """(N, C, F, h, w): every frame's channels standardised over space (a flat frame becomes zeros)."""
+    """(N, C, F, h, w): every frame's channels standardised over space (a flat frame becomes zeros; the std floor
+    1e-3 assumes latents at the VAE's scale, about unit variance)."""
     mean = latents.mean(dim=(-2, -1), keepdim=True)
     std = latents.std(dim=(-2, -1), keepdim=True, correction=0).clamp_min(1e-3)
     return (latents - mean) / std
@@ -132,9 +133,11 @@ class HyperNetwork(nn.Module):
         init_head(self.head, hc.head_init, hc.head_init_std, lc.rank, lc.down, hc.iterations)
 
     def reference_features(self, latents: torch.Tensor) -> torch.Tensor:
-        make = {"latent": lambda x: x, "frame_norm": frame_norm,
-                "correlation": lambda x: frame_correlation(x, self.radius)}
-        return torch.cat([make[f](latents) for f in self.features], dim=1) if self.features != ("latent",) else latents
+        if self.features == ("latent",):
+            return latents
+        x = latents.float()  # standardising in bf16 / fp16 adds noise (and NaNs for flat frames in fp16)
+        make = {"latent": lambda x: x, "frame_norm": frame_norm, "correlation": lambda x: frame_correlation(x, self.radius)}
+        return torch.cat([make[f](x) for f in self.features], dim=1).to(latents.dtype)
 
     def video_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         latents = self.stem(self.reference_features(latents))
