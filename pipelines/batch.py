@@ -110,15 +110,15 @@ def check_artifacts(cfg: BatchJobConfig) -> str:
     """Load the checkpoint once on the driver (safetensors and config only: a pickle is refused, never unpickled)
     and check that the backbone is a pipeline directory, so a bad --checkpoint or --backbone fails at once with
     one clear message rather than in every actor. Returns the checkpoint's identity, from the bytes it read."""
-    from pipelines.fingerprint import checkpoint_files, checkpoint_identity
-    from video2lora.hypernet import Video2LoRAModel
+    from pipelines.fingerprint import checkpoint_identity
+    from video2lora.hypernet import Video2LoRAModel, read_checkpoint_files
 
     if not cfg.checkpoint:
         raise SetupError("no --checkpoint given")
     if not exists(join(cfg.backbone, "model_index.json")):
         raise SetupError(f"--backbone {redact(cfg.backbone)} is not a diffusers pipeline directory (no model_index.json)")
     try:
-        files = checkpoint_files(cfg.checkpoint)
+        files = read_checkpoint_files(cfg.checkpoint)
         Video2LoRAModel.from_bytes(*files, cfg.checkpoint)
     except Exception as e:  # noqa: BLE001 - whatever the reason, the job cannot start
         raise SetupError(f"--checkpoint {redact(cfg.checkpoint)} cannot be used: {error_text(e)}") from None

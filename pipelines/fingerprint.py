@@ -28,18 +28,13 @@ def _digest(parts) -> str:
     return h.hexdigest()[:20]
 
 
-def checkpoint_files(uri: str) -> tuple[bytes, bytes]:
-    """The Video2LoRA checkpoint's config and weights bytes."""
-    from video2lora.hypernet import CONFIG_NAME, WEIGHTS_NAME
-
-    return read_bytes(join(uri, CONFIG_NAME)), read_bytes(join(uri, WEIGHTS_NAME))
-
-
 def checkpoint_identity(uri: str, files: tuple[bytes, bytes] | None = None) -> str:
     """The Video2LoRA checkpoint by its config and weights bytes ("" for none); `files`: those bytes, if read."""
     if not uri:
         return ""
-    return _digest(files or checkpoint_files(uri))
+    from video2lora.hypernet import read_checkpoint_files
+
+    return _digest(files or read_checkpoint_files(uri))
 
 
 def backbone_identity(uri: str) -> str:

@@ -213,10 +213,7 @@ class Video2LoRAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, uri: str, map_location: str | torch.device = "cpu") -> "Video2LoRAModel":
-        from .storage import join, read_bytes
-
-        return cls.from_bytes(read_bytes(join(uri, CONFIG_NAME)), read_bytes(join(uri, WEIGHTS_NAME)), uri,
-                              map_location)
+        return cls.from_bytes(*read_checkpoint_files(uri), uri, map_location)
 
     @classmethod
     def from_bytes(cls, config_bytes: bytes, weights_bytes: bytes, uri: str = "",
@@ -245,6 +242,13 @@ class Video2LoRAModel(nn.Module):
         hyper = sum(p.numel() for p in self.hypernet.parameters())
         aux = sum(p.numel() for p in self.a_aux.parameters()) + sum(p.numel() for p in self.b_aux.parameters())
         return {"hypernetwork": hyper, "aux": aux, "total": hyper + aux}
+
+
+def read_checkpoint_files(uri: str) -> tuple[bytes, bytes]:
+    """A Video2LoRA checkpoint's config.json and weights bytes, as from_pretrained reads them."""
+    from .storage import join, read_bytes
+
+    return read_bytes(join(uri, CONFIG_NAME)), read_bytes(join(uri, WEIGHTS_NAME))
 
 
 def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:

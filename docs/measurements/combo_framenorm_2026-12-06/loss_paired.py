@@ -1,4 +1,6 @@
-"""Held-out diffusion loss, paired per batch: frame_norm warm start vs latent warm start (same clips, refs, noise)."""
+"""Held-out diffusion loss, paired per batch: frame_norm warm start vs latent warm start (same clips, refs, noise).
+usage: loss_paired.py [same-draws]: with same-draws, the references of warmstart.effect_losses (it draws an
+own-effect and an other-effect reference per row), else an own-effect reference per row alone (another draw)."""
 import sys, numpy as np, torch
 sys.path.insert(0, "/work/main")
 from video2lora.backbones import Backbone
@@ -15,7 +17,11 @@ models = {k: Video2LoRAModel.from_pretrained(p).eval() for k, p in [(n, f"/work/
 labels = data.effects
 rng = np.random.default_rng(1234)
 rows = sorted(rng.choice(len(labels), 200, replace=False).tolist())
-own = [int(rng.choice([k for k in range(len(labels)) if labels[k] == labels[t] and k != t])) for t in rows]
+own = []
+for t in rows:
+    own.append(int(rng.choice([k for k in range(len(labels)) if labels[k] == labels[t] and k != t])))
+    if sys.argv[1:] == ["same-draws"]:
+        rng.choice([k for k in range(len(labels)) if labels[k] != labels[t]])
 res = {k: [] for k in models}; res["none"] = []
 with torch.no_grad():
     for i in range(0, len(rows), 8):
