@@ -60,7 +60,10 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     manifest = []
     for r in rows:
         for method, strength in (("video2lora", lora_strength), ("no_lora", 0.0)):
-            manifest.append({"sample_id": f"{method}__{r['name']}", "reference_uri": r["reference_uri"],
+            # a row of several references mixes their LoRAs with equal weights (the batch job's reference_uris)
+            source = ({"reference_uris": r["reference_uris"]} if len(r.get("reference_uris", [])) > 1
+                      else {"reference_uri": r["reference_uri"]})
+            manifest.append({"sample_id": f"{method}__{r['name']}", **source,
                              "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
     path = os.path.join(out, "manifest.parquet")
     g = GenerationConfig(**(step_cost or {}))
@@ -168,6 +171,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7, help="draws fresh references and prompts")
     p.add_argument("--output", default="outputs/evaluate")
     p.add_argument("--refs-per-effect", type=int, default=4)
+    p.add_argument("--references-per-row", type=int, default=1,
+                   help="clips of the effect per row, their LoRAs mixed with equal weights (the batch job's "
+                        "reference_uris); 1 = the paper's single reference")
     p.add_argument("--effects", default="all",
                    help="all | train | heldout | combo-eval | families-eval | any set of video2lora.effects.labels | "
                         "comma-separated effects")
@@ -187,7 +193,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier-test", default="outputs/effects/classifier-test/clips.parquet")
     p.add_argument("--classifier-out", default="outputs/effects/classifier")
     p.add_argument("--classifier-epochs", type=int, default=15)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    from pipelines.manifest import MAX_REFERENCES
+    if not 1 <= a.references_per_row <= MAX_REFERENCES:
+        p.error(f"--references-per-row {a.references_per_row}: a mix takes 1 to {MAX_REFERENCES} references")
+    return a
 
 
 def evaluate(a: argparse.Namespace) -> dict:
@@ -202,8 +212,9 @@ def evaluate(a: argparse.Namespace) -> dict:
     effects = list(QUICK_EFFECTS) if a.quick else fx.resolve_effects(a.effects)
     k = 1 if a.quick else a.refs_per_effect
     os.makedirs(a.output, exist_ok=True)
-    rows = build_rows(a.output, a.seed, effects, k)
-    logger.info("%d rows (%d effects x %d references), 3 methods", len(rows), len(effects), k)
+    rows = build_rows(a.output, a.seed, effects, k, a.references_per_row)
+    logger.info("%d rows (%d effects x %d references, %d clips each), 3 methods", len(rows), len(effects), k,
+                a.references_per_row)
     run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale,
                        {"step_cache": "none", **step_cost_overrides(a)},  # the paper's sampler unless asked
                        lora_strength=a.lora_strength)
@@ -234,7 +245,8 @@ def evaluate(a: argparse.Namespace) -> dict:
             cells[f"{m}/psnr_against"] = c
     sheets = contact_sheets(rows, results, a.output)
     report = {"checkpoint": a.checkpoint, "backbone": backbone, "classifier": classifier, "seed": a.seed,
-              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k, "row_protocol": ROW_PROTOCOL,
+              "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k,
+              "references_per_row": a.references_per_row, "row_protocol": ROW_PROTOCOL,
               "lora_strength": a.lora_strength, "generation": run["generation"],
               "table": cells, "rows": results, "sheets": sheets, "wall_s": time.perf_counter() - start}
     ck = storage.join(classifier, "report.json")

@@ -144,12 +144,27 @@ def test_batch_equals_single_process_per_row(ray_local, tiny_backbone_dir, check
     assert lora_effect > 3 * max(diffs.values()), (lora_effect, diffs)
 
 
-def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):
+    """...and the driver reads the checkpoint's weights once per job (check_artifacts hands their identity to the
+    row fingerprints), whether every row, some or none is left to do."""
+    from video2lora import storage
+    from video2lora.hypernet import WEIGHTS_NAME
+
+    weights_read, original = [], storage.read_bytes
+
+    def counting(uri):
+        weights_read.extend([uri] if str(uri).endswith(WEIGHTS_NAME) else [])
+        return original(uri)
+
+    monkeypatch.setattr("video2lora.storage.read_bytes", counting)  # the driver's reads (actors are other processes)
+    monkeypatch.setattr("pipelines.fingerprint.read_bytes", counting)
+    monkeypatch.setattr("pipelines.batch.read_bytes", counting)
     _, refs = clips
     rows = [{"sample_id": f"s{i}", "reference_uri": refs[i % 3], "prompt": "a red circle", "seed": i} for i in range(5)]
     out = tmp_path / "out"
     cfg = config(tiny_backbone_dir, checkpoint, out)
     run_batch_job(write_manifest(tmp_path / "part.parquet", rows[:2]), cfg, progress=False)
+    assert len(weights_read) == 1
     first = {p: os.stat(out / "videos" / p).st_mtime_ns for p in os.listdir(out / "videos")}
     os.remove(out / "results.parquet")  # as if the driver died before its last flush: sidecars remain
     summary = run_batch_job(write_manifest(tmp_path / "all.parquet", rows), cfg, progress=False)
@@ -160,6 +175,7 @@ def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, cl
     assert set(res.status) == {"ok", "skipped"} and len(res) == 5
     again = run_batch_job(write_manifest(tmp_path / "all.parquet", rows), cfg, progress=False)
     assert again["ok"] == 0 and again["skipped"] == 5
+    assert len(weights_read) == 3  # one read per job
 
 
 def test_resume_refuses_rows_that_changed(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):

@@ -117,6 +117,35 @@ def test_rows_are_independent_samples(tmp_path):
     assert build_rows(str(tmp_path / "c"), 6, effects[1:2], 3)[0]["seed"] != alone[0]["seed"]  # a new seed, new rows
 
 
+def test_rows_with_several_references_of_their_effect(tmp_path):
+    """--references-per-row K: each row mixes K clips of its own effect (its single-reference row's clip first, the
+    others fresh scenes, no clip shared between rows); prompts and seeds stay those of one reference per row."""
+    import numpy as np
+    import torch
+
+    from video2lora.effects import world as fx
+    from video2lora.effects.evaluation import MORE_REFERENCES_SEED, build_rows
+    from video2lora.video_io import read_video
+
+    effects = ["spin+pixelate", "zoom_out+invert"]
+    one = build_rows(str(tmp_path / "one"), 5, effects, 2)
+    three = build_rows(str(tmp_path / "three"), 5, effects, 2, references_per_row=3)
+    assert [(r["prompt"], r["seed"], r["effect"]) for r in three] == [(r["prompt"], r["seed"], r["effect"]) for r in one]
+    assert all(r["reference_uris"] == [r["reference_uri"]] for r in one)
+    assert all(len(r["reference_uris"]) == 3 and r["reference_uris"][0] == r["reference_uri"] for r in three)
+    uris = [u for r in three for u in r["reference_uris"]]
+    assert len(set(uris)) == len(uris) == 12
+    clips = [read_video(u, 9, 32, 32).numpy() for u in uris]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(clips) for b in clips[i + 1:])  # other scenes
+    assert np.abs(clips[0] - read_video(one[0]["reference_uri"], 9, 32, 32).numpy()).mean() < 0.01  # mp4: not bitwise
+    # every clip shows the row's effect: the same render as the world's dataset of that seed
+    extra = fx.make_dataset(5 + MORE_REFERENCES_SEED, 2 * 2, effects=[effects[0]])
+    ref = torch.from_numpy(extra[0]["video"])
+    assert ((read_video(three[0]["reference_uris"][1], 9, 32, 32) - ref).abs().mean() < 0.05)
+    with pytest.raises(ValueError, match="at least one reference"):
+        build_rows(str(tmp_path / "none"), 5, effects, 2, references_per_row=0)
+
+
 def test_rerun_with_other_rows_makes_its_videos_again(quick_run, tmp_path):
     """The batch job resumes by sample id; an evaluation of other rows (here another seed) into the same --output
     must not take the earlier rows' videos as its own."""

@@ -30,6 +30,8 @@ METHODS = ("video2lora", "no_lora", "per_effect_lora")
 # 2 = each row its own generation seed and content scene (from 2026-12-06); 1 = every effect's rows shared 8
 ROW_PROTOCOL = 2
 # two seen, two held out by the shipped checkpoint (compounds; docs/EFFECTS.md)
+# the extra references of `build_rows(references_per_row > 1)` come from this offset of the seed (other scenes)
+MORE_REFERENCES_SEED = 104729
 QUICK_EFFECTS = ("zoom_out+invert", "spin+pixelate", "zoom_out+pixelate", "slide_left+blur_in")
 
 
@@ -78,16 +80,24 @@ def row_split(effect: str) -> str:
     return "held-out family" if fx.held_out_family(effect) else "held-out"
 
 
-def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]:
+def build_rows(out: str, seed: int, effects, refs_per_effect: int, references_per_row: int = 1) -> list[dict]:
     """Fresh references per effect and, for each, a prompt of a fresh *other* scene. Writes refs/*.mp4.
 
     Every row is its own sample: its content scene is drawn for its effect (not shared with the other effects' rows)
     and it has its own generation seed, so no two rows of an evaluation make the same no-LoRA video and the
-    standard errors count independent rows. Both depend only on (seed, effect, index), not on the other effects."""
+    standard errors count independent rows. Both depend only on (seed, effect, index), not on the other effects.
+
+    `references_per_row` > 1 gives each row that many clips of its effect (`reference_uris`: its own reference first,
+    then fresh clips of other scenes, none shared between rows): the user who has several clips of an effect and
+    mixes their LoRAs with equal weights. The rows, prompts and seeds are those of one reference per row."""
+    if references_per_row < 1:
+        raise ValueError(f"references_per_row={references_per_row}: a row needs at least one reference")
     os.makedirs(os.path.join(out, "refs"), exist_ok=True)
     rows = []
     for effect in effects:
         refs = fx.make_dataset(seed, refs_per_effect, effects=[effect])
+        extra = references_per_row - 1
+        extras = fx.make_dataset(seed + MORE_REFERENCES_SEED, refs_per_effect * extra, effects=[effect]) if extra else []
         others = fx.make_dataset(row_seed(seed + 7919, effect, 0), refs_per_effect * 3, effects=[fx.NONE])
         others = [o for o in others if all(o["prompt"] != r["prompt"] for r in refs)]
         for i, ref in enumerate(refs):
@@ -95,8 +105,12 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int) -> list[dict]
             name = f"{fx.effect_slug(effect)}__{i}"  # a file and sample name (no '+')
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
-            rows.append({"name": name, "effect": effect, "split": row_split(effect),
-                         "reference_uri": uri, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
+            uris = [uri]
+            for j, clip in enumerate(extras[i * extra : (i + 1) * extra]):
+                uris.append(os.path.join(out, "refs", f"{name}__more{j}.mp4"))
+                write_video(uris[-1], torch.from_numpy(clip["video"]))
+            rows.append({"name": name, "effect": effect, "split": row_split(effect), "reference_uri": uri,
+                         "reference_uris": uris, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
                          "shape": content["shape"], "colour": content["colour"], "background": content["background"],
                          "seed": row_seed(seed, effect, i)})
     return rows
