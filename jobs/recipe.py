@@ -3,7 +3,7 @@
     python jobs/recipe.py --out outputs/effects                 # about an hour on 2 CPU cores
     python jobs/recipe.py --world combo --out outputs/combo     # compound effects ("motion+look"), below
     python jobs/recipe.py --world combo --out outputs/combo --backbone video2lora/assets/checkpoint/backbone \
-        --classifier video2lora/assets/checkpoint/classifier --table-steps 6000 --train-steps 1000 --ship  # shipped
+        --classifier video2lora/assets/checkpoint/classifier --table-steps 6000 --ship  # shipped
     python jobs/recipe.py --world families --init-backbone video2lora/assets/checkpoint/backbone  # family points
 
 `--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
