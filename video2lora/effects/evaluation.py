@@ -29,9 +29,9 @@ METHODS = ("video2lora", "no_lora", "per_effect_lora")
 # how `build_rows` draws rows, recorded in every results.json (a score is reused only under the same one):
 # 2 = each row its own generation seed and content scene (from 2026-12-06); 1 = every effect's rows shared 8
 ROW_PROTOCOL = 2
-# two seen, two held out by the shipped checkpoint (compounds; docs/EFFECTS.md)
 # the extra references of `build_rows(references_per_row > 1)` come from this offset of the seed (other scenes)
 MORE_REFERENCES_SEED = 104729
+# two seen, two held out by the shipped checkpoint (compounds; docs/EFFECTS.md)
 QUICK_EFFECTS = ("zoom_out+invert", "spin+pixelate", "zoom_out+pixelate", "slide_left+blur_in")
 
 
