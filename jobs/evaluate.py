@@ -46,6 +46,21 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 # --------------------------------------------------------------------------------------------- generation
+def manifest_rows(rows: list[dict], lora_strength: float = 1.0) -> list[dict]:
+    """The batch job's manifest: per row a video2lora sample and a no_lora one (strength 0, the bare backbone). A row
+    of several references mixes their LoRAs with equal weights (`reference_uris`); its no_lora sample reads only
+    the first, since at strength 0 no LoRA is applied."""
+    manifest = []
+    for r in rows:
+        mixed = len(r.get("reference_uris", [])) > 1
+        for method, strength in (("video2lora", lora_strength), ("no_lora", 0.0)):
+            source = ({"reference_uris": r["reference_uris"]} if mixed and method == "video2lora"
+                      else {"reference_uri": r["reference_uri"]})
+            manifest.append({"sample_id": f"{method}__{r['name']}", **source,
+                             "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
+    return manifest
+
+
 def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance,
                  step_cost: dict | None = None, lora_strength: float = 1.0) -> dict:
     """video2lora + no_lora rows through the Ray batch pipeline (one job; strength 0 = the bare backbone)."""
@@ -57,14 +72,7 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     from video2lora.backbones.step_cost import resolved
     from video2lora.config import GenerationConfig
 
-    manifest = []
-    for r in rows:
-        for method, strength in (("video2lora", lora_strength), ("no_lora", 0.0)):
-            # a row of several references mixes their LoRAs with equal weights (the batch job's reference_uris)
-            source = ({"reference_uris": r["reference_uris"]} if len(r.get("reference_uris", [])) > 1
-                      else {"reference_uri": r["reference_uri"]})
-            manifest.append({"sample_id": f"{method}__{r['name']}", **source,
-                             "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
+    manifest = manifest_rows(rows, lora_strength)
     path = os.path.join(out, "manifest.parquet")
     g = GenerationConfig(**(step_cost or {}))
     explicit = set()
@@ -130,6 +138,15 @@ def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str
         logger.info("per-effect LoRA rows %d/%d", min(i + batch_size, len(todo)), len(todo))
 
 
+def check_against(against: str, references_per_row: int) -> None:
+    """Before any work: an --against run made with another number of references per row has other rows."""
+    with open(os.path.join(against, "results.json")) as f:
+        theirs = json.load(f).get("references_per_row", 1)
+    if theirs != references_per_row:
+        raise ValueError(f"--against {against}: made with {theirs} references per row, this run "
+                         f"{references_per_row}: its rows are not these rows")
+
+
 def psnr_against(results: list[dict], out: str, against: str, gen: dict) -> dict:
     """Per method: mean and standard error of the PSNR (dB, frames in [-1, 1]) of each row's video against the
     same file in `against` (a row whose two videos are identical counts as 100 dB, so the mean stays finite)."""
@@ -173,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refs-per-effect", type=int, default=4)
     p.add_argument("--references-per-row", type=int, default=1,
                    help="clips of the effect per row, their LoRAs mixed with equal weights (the batch job's "
-                        "reference_uris); 1 = the paper's single reference")
+                        "reference_uris); 1 = the paper's single reference (--quick too honours it)")
     p.add_argument("--effects", default="all",
                    help="all | train | heldout | combo-eval | families-eval | any set of video2lora.effects.labels | "
                         "comma-separated effects")
@@ -211,6 +228,8 @@ def evaluate(a: argparse.Namespace) -> dict:
     loras = a.per_effect_loras or storage.join(a.checkpoint, "baselines", "per_effect_loras.safetensors")
     effects = list(QUICK_EFFECTS) if a.quick else fx.resolve_effects(a.effects)
     k = 1 if a.quick else a.refs_per_effect
+    if a.against:
+        check_against(a.against, a.references_per_row)
     os.makedirs(a.output, exist_ok=True)
     rows = build_rows(a.output, a.seed, effects, k, a.references_per_row)
     logger.info("%d rows (%d effects x %d references, %d clips each), 3 methods", len(rows), len(effects), k,

@@ -248,7 +248,7 @@ def stage_select(a, paths) -> None:
         done = os.path.join(out, "results.json")
         earlier = json.load(open(done)) if os.path.exists(done) else {}  # reused if it scored this very checkpoint
         same = [earlier.get(k) for k in ("checkpoint", "refs_per_effect", "effects", "row_protocol")] == [
-            model, a.refs_per_effect, evaluated, ROW_PROTOCOL]
+            model, a.refs_per_effect, evaluated, ROW_PROTOCOL] and earlier.get("references_per_row", 1) == 1
         if earlier and (a.force or not same):
             shutil.rmtree(out)
         if not os.path.exists(done):

@@ -152,9 +152,9 @@ def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, cl
 
     weights_read, original = [], storage.read_bytes
 
-    def counting(uri):
+    def counting(uri, *args, **kwargs):
         weights_read.extend([uri] if str(uri).endswith(WEIGHTS_NAME) else [])
-        return original(uri)
+        return original(uri, *args, **kwargs)
 
     monkeypatch.setattr("video2lora.storage.read_bytes", counting)  # the driver's reads (actors are other processes)
     monkeypatch.setattr("pipelines.fingerprint.read_bytes", counting)

@@ -119,31 +119,56 @@ def test_rows_are_independent_samples(tmp_path):
 
 def test_rows_with_several_references_of_their_effect(tmp_path):
     """--references-per-row K: each row mixes K clips of its own effect (its single-reference row's clip first, the
-    others fresh scenes, no clip shared between rows); prompts and seeds stay those of one reference per row."""
+    others fresh clips, none shared between rows, none of the scene the row's prompt asks for); prompts and seeds
+    stay those of one reference per row. The judge (trained on real clips) names every clip's effect."""
     import numpy as np
     import torch
 
-    from video2lora.effects import world as fx
-    from video2lora.effects.evaluation import MORE_REFERENCES_SEED, build_rows
+    from video2lora.effects import judge as ec
+    from video2lora.effects.evaluation import build_rows
     from video2lora.video_io import read_video
 
     effects = ["spin+pixelate", "zoom_out+invert"]
-    one = build_rows(str(tmp_path / "one"), 5, effects, 2)
-    three = build_rows(str(tmp_path / "three"), 5, effects, 2, references_per_row=3)
+    one = build_rows(str(tmp_path / "one"), 5, effects, 4)
+    three = build_rows(str(tmp_path / "three"), 5, effects, 4, references_per_row=3)
     assert [(r["prompt"], r["seed"], r["effect"]) for r in three] == [(r["prompt"], r["seed"], r["effect"]) for r in one]
     assert all(r["reference_uris"] == [r["reference_uri"]] for r in one)
     assert all(len(r["reference_uris"]) == 3 and r["reference_uris"][0] == r["reference_uri"] for r in three)
+    assert all(r["prompt"] not in r["reference_prompts"] and len(r["reference_prompts"]) == 3 for r in three)
     uris = [u for r in three for u in r["reference_uris"]]
-    assert len(set(uris)) == len(uris) == 12
-    clips = [read_video(u, 9, 32, 32).numpy() for u in uris]
-    assert all(not np.array_equal(a, b) for i, a in enumerate(clips) for b in clips[i + 1:])  # other scenes
-    assert np.abs(clips[0] - read_video(one[0]["reference_uri"], 9, 32, 32).numpy()).mean() < 0.01  # mp4: not bitwise
-    # every clip shows the row's effect: the same render as the world's dataset of that seed
-    extra = fx.make_dataset(5 + MORE_REFERENCES_SEED, 2 * 2, effects=[effects[0]])
-    ref = torch.from_numpy(extra[0]["video"])
-    assert ((read_video(three[0]["reference_uris"][1], 9, 32, 32) - ref).abs().mean() < 0.05)
+    assert len(set(uris)) == len(uris) == 24
+    clips = [read_video(u, 9, 32, 32) for u in uris]
+    assert all(not torch.equal(a, b) for i, a in enumerate(clips) for b in clips[i + 1:])  # other scenes
+    assert np.abs(clips[0].numpy() - read_video(one[0]["reference_uri"], 9, 32, 32).numpy()).mean() < 0.01  # mp4
+    named = ec.load(os.path.join(ASSETS, "classifier")).predict(torch.stack(clips))["effect"]
+    assert list(named) == [r["effect"] for r in three for _ in r["reference_uris"]]
     with pytest.raises(ValueError, match="at least one reference"):
         build_rows(str(tmp_path / "none"), 5, effects, 2, references_per_row=0)
+
+
+def test_mixed_rows_in_the_manifest_and_on_the_command_line(tmp_path):
+    """A mixed row's video2lora sample reads every clip (reference_uris); its no_lora sample (strength 0) and a
+    single-reference row read one. The flag takes 1 to 8 (the batch job's mix limit), and --against refuses a run
+    made with another number of references per row (other rows)."""
+    sys.path.insert(0, os.path.join(REPO, "jobs"))
+    import evaluate as ev
+
+    rows = [{"name": "a", "reference_uri": "r0.mp4", "reference_uris": ["r0.mp4", "r1.mp4"], "prompt": "p", "seed": 1},
+            {"name": "b", "reference_uri": "s0.mp4", "reference_uris": ["s0.mp4"], "prompt": "q", "seed": 2}]
+    m = {x["sample_id"]: x for x in ev.manifest_rows(rows, lora_strength=1.0)}
+    assert m["video2lora__a"]["reference_uris"] == ["r0.mp4", "r1.mp4"] and "reference_uri" not in m["video2lora__a"]
+    assert m["no_lora__a"]["reference_uri"] == "r0.mp4" and "reference_uris" not in m["no_lora__a"]
+    assert m["no_lora__a"]["lora_strength"] == 0.0 and m["video2lora__a"]["lora_strength"] == 1.0
+    assert all(m[f"{k}__b"]["reference_uri"] == "s0.mp4" and "reference_uris" not in m[f"{k}__b"]
+               for k in ("video2lora", "no_lora"))
+    assert ev.parse_args(["--references-per-row", "8"]).references_per_row == 8
+    for bad in ("0", "9"):
+        with pytest.raises(SystemExit):
+            ev.parse_args(["--references-per-row", bad])
+    (tmp_path / "results.json").write_text(json.dumps({"rows": []}))  # an earlier run: one reference per row
+    ev.check_against(str(tmp_path), 1)
+    with pytest.raises(ValueError, match="references per row"):
+        ev.check_against(str(tmp_path), 4)
 
 
 def test_rerun_with_other_rows_makes_its_videos_again(quick_run, tmp_path):

@@ -88,8 +88,9 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int, references_pe
     standard errors count independent rows. Both depend only on (seed, effect, index), not on the other effects.
 
     `references_per_row` > 1 gives each row that many clips of its effect (`reference_uris`: its own reference first,
-    then fresh clips of other scenes, none shared between rows): the user who has several clips of an effect and
-    mixes their LoRAs with equal weights. The rows, prompts and seeds are those of one reference per row."""
+    then fresh clips, none shared between rows and none of the scene the row's prompt asks for): the user who has
+    several clips of an effect and mixes their LoRAs with equal weights. The rows, prompts and seeds are those of
+    one reference per row."""
     if references_per_row < 1:
         raise ValueError(f"references_per_row={references_per_row}: a row needs at least one reference")
     os.makedirs(os.path.join(out, "refs"), exist_ok=True)
@@ -97,7 +98,9 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int, references_pe
     for effect in effects:
         refs = fx.make_dataset(seed, refs_per_effect, effects=[effect])
         extra = references_per_row - 1
-        extras = fx.make_dataset(seed + MORE_REFERENCES_SEED, refs_per_effect * extra, effects=[effect]) if extra else []
+        # twice the clips needed: a clip of the scene a row's prompt asks for is skipped for that row
+        pool = iter(fx.make_dataset(seed + MORE_REFERENCES_SEED, 2 * refs_per_effect * extra, effects=[effect])
+                    if extra else [])
         others = fx.make_dataset(row_seed(seed + 7919, effect, 0), refs_per_effect * 3, effects=[fx.NONE])
         others = [o for o in others if all(o["prompt"] != r["prompt"] for r in refs)]
         for i, ref in enumerate(refs):
@@ -105,12 +108,18 @@ def build_rows(out: str, seed: int, effects, refs_per_effect: int, references_pe
             name = f"{fx.effect_slug(effect)}__{i}"  # a file and sample name (no '+')
             uri = os.path.join(out, "refs", f"{name}.mp4")
             write_video(uri, torch.from_numpy(ref["video"]))
-            uris = [uri]
-            for j, clip in enumerate(extras[i * extra : (i + 1) * extra]):
-                uris.append(os.path.join(out, "refs", f"{name}__more{j}.mp4"))
-                write_video(uris[-1], torch.from_numpy(clip["video"]))
+            uris, prompts = [uri], [ref["prompt"]]
+            while len(uris) < references_per_row:
+                clip = next(pool, None)
+                if clip is None:
+                    raise RuntimeError(f"{effect}: too few fresh clips for {references_per_row} references per row")
+                if clip["prompt"] != content["prompt"]:
+                    uris.append(os.path.join(out, "refs", f"{name}__more{len(uris) - 1}.mp4"))
+                    prompts.append(clip["prompt"])
+                    write_video(uris[-1], torch.from_numpy(clip["video"]))
             rows.append({"name": name, "effect": effect, "split": row_split(effect), "reference_uri": uri,
-                         "reference_uris": uris, "reference_prompt": ref["prompt"], "prompt": content["prompt"],
+                         "reference_uris": uris, "reference_prompt": ref["prompt"], "reference_prompts": prompts,
+                         "prompt": content["prompt"],
                          "shape": content["shape"], "colour": content["colour"], "background": content["background"],
                          "seed": row_seed(seed, effect, i)})
     return rows
