@@ -319,8 +319,8 @@ def ship(paths) -> None:
 
 def refusal(a, paths, out, only, recorded) -> str:
     """Why this run cannot start ("" when it can), before any stage runs."""
-    if set(only) - set(STAGES):
-        return f"unknown stage(s) {[s for s in only if s not in STAGES]}; stages: {list(STAGES)}"
+    if unknown := [s for s in only if s not in STAGES]:
+        return f"unknown stage(s) {unknown}; stages: {list(STAGES)}"
     if a.ship and a.world != "combo":  # the tests and the batch job's default evaluate the compound world's labels
         return f"--ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out"
     if a.backbone and a.init_backbone:
