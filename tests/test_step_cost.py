@@ -21,7 +21,11 @@ PROMPTS = ["a red circle", "a blue square", "a green ring"]
 
 
 def make_generator(backbone_dir, **options) -> Video2LoRAGenerator:
-    backbone = Backbone.from_pretrained(backbone_dir, device="cpu")
+    """A float64 backbone (the hypernetwork stays float32): in float32, batched and batch-of-one reductions differ
+    in the last bits, and 4 steps of CFG 6 on a random tiny DiT amplify that to about 1 % of a LoRA's effect on
+    some CPUs, which would leave a row mix-up check no margin; in float64 what is left is the float32 factors'
+    last bits, about 1e-4 of it."""
+    backbone = Backbone.from_pretrained(backbone_dir, device="cpu", dtype=torch.float64)
     return Video2LoRAGenerator(backbone, make_model(backbone), dataclasses.replace(GEN, **options))
 
 
@@ -35,9 +39,8 @@ def count_attention(generator) -> dict:
 
 def check_mixed_batch(generator):
     """The test_model.py mixed-batch check under the generator's options: a batch of two LoRA rows and a bare one
-    equals each row alone. Batched float reductions differ from batch-of-one ones in the last bits and CFG 6
-    amplifies that at a few saturated pixels, so the bound is relative to a LoRA's effect: each row is its own
-    LoRA's video, far closer to it than to the bare video (a neighbour's LoRA would fail it, see test_model.py)."""
+    equals each row alone, to within 1e-3 of a LoRA's effect on average (measured: at most 8e-5 over every option)
+    and 3e-2 at the worst pixel (measured: 3e-3); the row with its neighbour's LoRA is about one effect away."""
     refs = random_clips(2, seed=1) + [None]
     reqs = [GenerationRequest(p, reference=r, seed=s) for p, r, s in zip(PROMPTS, refs, [1, 2, 3])]
     batch = generator.generate(reqs)
@@ -49,8 +52,11 @@ def check_mixed_batch(generator):
         alone = generator.generate([GenerationRequest(req.prompt, reference=req.reference, seed=req.seed)])[0]
         effect, error = (bare - alone).abs(), (video - alone).abs()
         assert effect.mean() > 0.05
-        assert error.mean() < 0.01 * effect.mean(), (error.mean(), effect.mean())
-        assert error.max() < 0.1 * effect.max(), (error.max(), effect.max())
+        assert error.mean() < 1e-3 * effect.mean(), (error.mean(), effect.mean())
+        assert error.max() < 3e-2 * effect.max(), (error.max(), effect.max())
+        neighbour = next(r.reference for r in reqs if r.reference is not None and r is not req)
+        swapped = generator.generate([GenerationRequest(req.prompt, reference=neighbour, seed=req.seed)])[0]
+        assert (swapped - alone).abs().mean() > 0.3 * effect.mean()  # the bound above tells rows apart
         # strength 0 under the same option is the bare backbone, bit for bit
         zero = generator.generate([GenerationRequest(req.prompt, reference=req.reference, seed=req.seed,
                                                      lora_strength=0.0)])[0]
@@ -61,7 +67,9 @@ def check_mixed_batch(generator):
 @pytest.mark.parametrize("cache", [c for c in STEP_CACHES if c != "none"])
 def test_each_cache_keeps_rows_apart_and_skips_work(tiny_backbone_dir, cache):
     plain = make_generator(tiny_backbone_dir)
-    cached = make_generator(tiny_backbone_dir, step_cache=cache, step_cache_threshold=0.5)
+    # threshold 1.0: the random tiny DiT changes fast from step to step; with it first_block skips 2 of its 8 block
+    # calls and magcache 2 of its 4 steps
+    cached = make_generator(tiny_backbone_dir, step_cache=cache, step_cache_threshold=1.0)
     counts = {name: count_attention(g) for name, g in (("plain", plain), ("cached", cached))}
     req = [GenerationRequest("a red circle", reference=random_clips(1, seed=1)[0], seed=1)]
     if cache == "magcache":  # its first call also runs the calibration pass (one bare video, nothing skipped)
