@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipelines import defaults  # noqa: E402
 from pipelines.batch import TooManyFailures, apply_backbone_defaults, run_batch_job  # noqa: E402
 from pipelines.common import ManifestError, SetupError, hide_known_ray_notices, init_ray  # noqa: E402
-from pipelines.config import BatchJobConfig, add_step_cost_args, step_cost_overrides  # noqa: E402
+from pipelines.config import (BatchJobConfig, add_refine_args, add_step_cost_args, refine_overrides,  # noqa: E402
+                              step_cost_overrides)
 from video2lora.backbones.step_cost import step_options  # noqa: E402
 from video2lora.config import GenerationConfig  # noqa: E402
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-strength", type=float, default=g.lora_strength)
     p.add_argument("--seed", type=int, default=g.seed)
     add_step_cost_args(p)
+    add_refine_args(p)
     p.add_argument("--ray-address", default=None, help="default: the cluster of `ray job submit`, else a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--gallery", action="store_true", help="also write OUTPUT/index.html, a page of previews per row")
@@ -69,7 +71,7 @@ def config_from_args(a: argparse.Namespace) -> BatchJobConfig:
     for name in ("num_frames", "height", "width", "steps", "guidance_scale"):
         if getattr(a, name) is not None:
             setattr(g, name, getattr(a, name))
-    g = dataclasses.replace(g, **step_cost_overrides(a))
+    g = dataclasses.replace(g, **step_cost_overrides(a), **refine_overrides(a))
     step_options(g)  # settings no cache can take fail here, before Ray starts
     cfg = BatchJobConfig(
         backbone=backbone, checkpoint=checkpoint, output=a.output, generation=g, batch_size=a.batch_size,

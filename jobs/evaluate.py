@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipelines.config import add_step_cost_args, step_cost_overrides  # noqa: E402
+from pipelines.config import add_refine_args, add_step_cost_args, refine_overrides, step_cost_overrides  # noqa: E402
 from video2lora.effects.evaluation import (  # noqa: E402
     QUICK_EFFECTS, ROW_PROTOCOL, SPLITS, build_rows, contact_sheets, mean_se, score, table, train_judge)
 
@@ -56,8 +56,9 @@ def manifest_rows(rows: list[dict], lora_strength: float = 1.0) -> list[dict]:
         for method, strength in (("video2lora", lora_strength), ("no_lora", 0.0)):
             source = ({"reference_uris": r["reference_uris"]} if mixed and method == "video2lora"
                       else {"reference_uri": r["reference_uri"]})
-            manifest.append({"sample_id": f"{method}__{r['name']}", **source,
-                             "prompt": r["prompt"], "seed": r["seed"], "lora_strength": strength})
+            manifest.append({"sample_id": f"{method}__{r['name']}", **source, "prompt": r["prompt"],
+                             "reference_prompt": r["reference_prompt"],  # what a refined LoRA is refined with
+                             "seed": r["seed"], "lora_strength": strength})
     return manifest
 
 
@@ -110,7 +111,8 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
                                                    width=cfg.generation.width, steps=cfg.generation.steps,
                                                    guidance_scale=cfg.generation.guidance_scale),
             "step_cost": {k: v for k, v in dataclasses.asdict(resolved(cfg.generation)).items()
-                          if k.startswith(("step_cache", "compile", "fuse"))}}
+                          if k.startswith(("step_cache", "compile", "fuse"))},
+            "refine": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k.startswith("refine")}}
 
 
 def run_per_effect(rows: list[dict], out: str, backbone_uri: str, loras_uri: str, gen: dict, batch_size: int,
@@ -204,6 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--against", default="", help="an earlier evaluation's output dir (same seed and effects): PSNR "
                    "of every generated video against the same row's video there, e.g. an uncached run")
     add_step_cost_args(p, cache_default="none")
+    add_refine_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     p.add_argument("--train-classifier", action="store_true", help="train the judge instead (see --classifier-*)")
     p.add_argument("--classifier-train", default="outputs/effects/classifier-data/clips.parquet")
@@ -235,7 +238,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     logger.info("%d rows (%d effects x %d references, %d clips each), 3 methods", len(rows), len(effects), k,
                 a.references_per_row)
     run = run_pipeline(rows, a.output, backbone, a.checkpoint, a.batch_size, a.steps, a.guidance_scale,
-                       {"step_cache": "none", **step_cost_overrides(a)},  # the paper's sampler unless asked
+                       {"step_cache": "none", **step_cost_overrides(a), **refine_overrides(a)},  # paper's sampler unless asked
                        lora_strength=a.lora_strength)
     methods = ["video2lora", "no_lora"]
     if a.no_per_effect:
@@ -266,7 +269,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     report = {"checkpoint": a.checkpoint, "backbone": backbone, "classifier": classifier, "seed": a.seed,
               "quick": a.quick, "effects": effects, "step_cost": run["step_cost"], "against": a.against, "refs_per_effect": k,
               "references_per_row": a.references_per_row, "row_protocol": ROW_PROTOCOL,
-              "lora_strength": a.lora_strength, "generation": run["generation"],
+              "lora_strength": a.lora_strength, "generation": run["generation"], "refine": run["refine"],
               "table": cells, "rows": results, "sheets": sheets, "wall_s": time.perf_counter() - start}
     ck = storage.join(classifier, "report.json")
     if storage.exists(ck):

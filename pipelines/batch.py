@@ -84,7 +84,7 @@ def write_results(output: str, results: dict[str, dict]) -> str:
     import io
 
     df = pd.DataFrame(list(results.values()), columns=RESULT_COLUMNS)
-    for c in ("t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s"):
+    for c in ("t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s"):
         df[c] = df[c].astype("float64")
     df["lora_cache_hit"] = df["lora_cache_hit"].astype("boolean")
     buf = io.BytesIO()
@@ -335,7 +335,8 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     wall = time.perf_counter() - start
     counts = pd.Series([r["status"] for r in results.values()]).value_counts().to_dict()
     made = counts.get("ok", 0)
-    gen_busy = sum(float(r.get("t_generate_s") or 0) for r in results.values() if r["status"] == "ok")
+    gen_busy = sum(float(r.get("t_generate_s") or 0) + float(r.get("t_refine_s") or 0)
+                   for r in results.values() if r["status"] == "ok")
     summary = {
         "rows": len(ids), "ok": made, "failed": counts.get("failed", 0), "skipped": counts.get("skipped", 0),
         "wall_s": wall, "rows_per_s": made / wall if wall else 0.0,

@@ -88,6 +88,22 @@ def add_step_cost_args(p, cache_default: str | None = None) -> None:
     p.add_argument("--fuse-qkv", default=None, choices=("on", "off"), help="fused q/k/v projections with the LoRAs")
 
 
+def add_refine_args(p) -> None:
+    """`--refine-steps`, `--refine-lr`, `--refine-draws`: GenerationConfig's refinement of each predicted LoRA on
+    its own reference (video2lora/refine.py); the manifest's `reference_prompt` column is its caption."""
+    g = GenerationConfig()
+    p.add_argument("--refine-steps", type=int, default=g.refine_steps,
+                   help="refine each predicted LoRA on its reference for this many Adam steps of the diffusion loss "
+                        f"before generating; one reference per row (default {g.refine_steps}: zero-shot)")
+    p.add_argument("--refine-lr", type=float, default=g.refine_lr, help=f"refinement learning rate (default {g.refine_lr})")
+    p.add_argument("--refine-draws", type=int, default=g.refine_draws,
+                   help=f"noised copies of the reference per refinement step (default {g.refine_draws})")
+
+
+def refine_overrides(a) -> dict:
+    return {"refine_steps": a.refine_steps, "refine_lr": a.refine_lr, "refine_draws": a.refine_draws}
+
+
 def _auto(kind):
     """An argparse type: a number, or `auto` for the chosen cache's measured setting (None)."""
     def parse(text: str):
@@ -152,6 +168,11 @@ class ServeConfig:
     # added for a single-machine deployment
     reference_uri_prefixes: tuple[str, ...] = ("s3://", "gs://", "gcs://", "az://", "abfs://")
     request_timeout_s: float = 1800.0  # one request, queue included: past it the client gets a 504, never a hang
+
+    def __post_init__(self):
+        if self.generation.refine_steps:  # the predictor deployment does not pass references on to the generator
+            raise ValueError("generation.refine_steps: the online app serves the hypernetwork's LoRAs as predicted; "
+                             "refine in the batch job (jobs/batch_generate.py --refine-steps)")
 
     def job_config(self) -> BatchJobConfig:
         """The batch job's settings the shared stages read (pipelines/stages.py)."""

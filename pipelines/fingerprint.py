@@ -5,7 +5,8 @@ A fingerprint covers the row's sources (reference, image and LoRA URIs, relative
 inside it, so the same manifest opened by another spelling of its path keeps its fingerprints), its typed settings
 (prompts, seed, size, steps, CFG scale, strength) and the job's: the checkpoint and backbone by content (their
 files move, e.g. under `ray job submit --working-dir`), the frame rate, VAE tiling, the reference decode size, and
-the step cache with only the fields that cache reads. Compiled blocks and fused projections change only float
+the step cache with only the fields that cache reads, and the refinement settings when refining (then also
+the row's reference caption). Compiled blocks and fused projections change only float
 rounding and are left out. A reference's URI is hashed, not its bytes (reading every reference would cost a
 resume its speed).
 """
@@ -62,7 +63,10 @@ def job_signature(cfg, checkpoint_id: str | None = None) -> dict:
     return {"checkpoint": checkpoint_id, "backbone": backbone_identity(cfg.backbone),
             "fps": int(g.fps), "vae_tiling": g.vae_tiling,
             "reference_size": [int(g.num_frames), int(g.height), int(g.width)],  # references are decoded at it
-            "step_cache": cache_signature(g)}
+            "step_cache": cache_signature(g),
+            # refinement (GenerationConfig.refine_*) only when on: jobs without it keep their fingerprints
+            **({"refine": [int(g.refine_steps), float(g.refine_lr), int(g.refine_draws), int(g.seed)]}
+               if g.refine_steps else {})}
 
 
 def portable(uri: str, base: str) -> str:
@@ -81,6 +85,8 @@ def portable(uri: str, base: str) -> str:
 def row_fingerprint(planned: dict, job: dict, base: str) -> str:
     """The fingerprint of a planned row (pipelines.batch.plan_row's dict, sample_id aside) under `job`."""
     spec = {k: v for k, v in planned.items() if k not in ("sample_id", "row_fingerprint")}
+    if "refine" not in job or not spec.get("reference_prompt"):  # read only when refining: other rows keep the
+        spec.pop("reference_prompt", None)  # fingerprints they had before the column existed
     for col in ("image_uri", "lora_uri"):
         spec[col] = portable(spec.get(col) or "", base)
     spec["reference_uris"] = [portable(u, base) for u in spec.get("reference_uris") or []]

@@ -22,6 +22,7 @@ OPTIONAL = {
     "reference_weights": "list<float>",
     "lora_uri": "string",
     "negative_prompt": "string",
+    "reference_prompt": "string",  # the reference's caption: the prompt a refined LoRA is refined with
     "image_uri": "string",
     "seed": "int",
     "num_frames": "int",
@@ -119,7 +120,7 @@ def read_manifest(uri: str) -> list[dict]:
 
 # what row_settings returns: the typed per-row columns the batch stages read (str, int or float, never JSON)
 SETTING_COLUMNS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "steps", "guidance_scale",
-                   "lora_strength")
+                   "lora_strength", "reference_prompt")
 
 
 def row_settings(row: dict, defaults: dict) -> dict:
@@ -152,6 +153,12 @@ def row_settings(row: dict, defaults: dict) -> dict:
     negative = row.get("negative_prompt")
     out["prompt"] = prompt
     out["negative_prompt"] = defaults["negative_prompt"] if negative is None else str(negative)
+    caption = row.get("reference_prompt")
+    if caption is not None and not isinstance(caption, str):
+        raise InputError("reference_prompt", f"reference_prompt is not text ({type(caption).__name__})")
+    if caption and len(caption) > MAX_PROMPT_CHARS:
+        raise InputError("reference_prompt", f"reference_prompt has {len(caption)} characters, more than {MAX_PROMPT_CHARS}")
+    out["reference_prompt"] = caption or ""
     if has_credentials(row.get("image_uri") or ""):  # the URI itself is left out of the message
         raise InputError("image_uri", "image_uri has credentials in it (user:password@...): give them to the job's "
                                       "environment instead")

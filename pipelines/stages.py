@@ -22,13 +22,14 @@ import torch
 from pipelines.common import error_text, frames_to_uint8, uint8_to_frames
 from pipelines.config import BatchJobConfig
 from pipelines.manifest import SETTING_COLUMNS
+from video2lora.config import InputError
 from video2lora.predict import PredictedLoRA
 from video2lora.storage import content_hash, join, read_bytes, safe_child, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
-                  "t_fetch_s", "t_hypernet_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
+                  "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
 # rows that share these settings are generated in one batch; the names are Video2LoRAGenerator.generate's arguments
 GROUP_KEY = ("num_frames", "height", "width", "steps", "guidance_scale")
 LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by reference hash
@@ -153,8 +154,11 @@ class HypernetStage:
             r["ref_pixels"] = list(r["ref_pixels"])
         new = self._predict(rows)
         elapsed = (time.perf_counter() - start) / max(len(rows), 1)
+        refining = self.cfg.generation.refine_steps > 0
         for r in rows:
-            r.pop("ref_pixels", None)
+            pixels = r.pop("ref_pixels", None)
+            # refining: the generation stage refines the LoRA on the reference (it holds the DiT)
+            r["refine_pixels"] = pixels[0] if refining and pixels is not None and len(pixels) == 1 else b""
             pending = r["status"] == "pending" and bool(r["ref_hashes"])
             # a hit: every reference of the row was predicted before (an earlier batch, or an earlier row of this one)
             hit = pending and not any(h in new for h in r["ref_hashes"])
@@ -189,6 +193,7 @@ class GenerateStage:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at the default size: the rows calibrate as they come
             logger.warning("step-cache warm-up failed (%s); the first rows calibrate instead", error_text(e))
         self.cfg = cfg
+        self.refined: OrderedDict[tuple, PredictedLoRA] = OrderedDict()  # (reference hash, caption) -> refined LoRA
         self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
                        f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
@@ -198,6 +203,39 @@ class GenerateStage:
         if r.get("lora_file"):
             return self.generator.lora_from_file(r["lora_file"], r.get("source_lora_uri") or "lora_uri")
         return self.generator.lora_from_bytes(r["lora_a"], r["lora_b"])
+
+    def _refine(self, rows: list[dict]) -> None:
+        """Refine each pending row's predicted LoRA on its reference (GenerationConfig.refine_steps), each distinct
+        reference and caption once; a row whose refinement fails fails alone."""
+        g = self.cfg.generation
+        todo: dict[tuple, dict] = {}
+        for r in rows:
+            if r["status"] != "pending" or r.get("lora_file") or not r["lora_strength"]:
+                continue  # a LoRA file has no reference; at strength 0 no LoRA is applied
+            if not r.get("refine_pixels"):
+                _fail(r, InputError("reference_uris", "reference_uris: refine_steps > 0 refines the LoRA of one "
+                                    "reference; this row mixes several: give one reference, or refine_steps 0"))
+                continue
+            key = (r["reference_hash"], r["reference_prompt"])
+            if key not in self.refined:
+                todo.setdefault(key, r)
+        for key, r in todo.items():
+            start = time.perf_counter()
+            try:
+                ref = uint8_to_frames(r["refine_pixels"], (3, g.num_frames, g.height, g.width))
+                self.refined[key] = self.generator.refine_loras([r["_lora"]], [ref], [r["reference_prompt"]])[0]
+                r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
+            except Exception as e:  # noqa: BLE001
+                for other in rows:
+                    if other["status"] == "pending" and (other["reference_hash"], other["reference_prompt"]) == key:
+                        _fail(other, e)
+        for r in rows:
+            key = (r["reference_hash"], r["reference_prompt"])
+            if r["status"] == "pending" and not r.get("lora_file") and r["lora_strength"] and key in self.refined:
+                r["_lora"] = self.refined[key]
+                self.refined.move_to_end(key)
+        while len(self.refined) > LORA_CACHE_SIZE:
+            self.refined.popitem(last=False)
 
     def _request(self, r):
         from video2lora.generate import GenerationRequest
@@ -245,7 +283,7 @@ class GenerateStage:
         rows = batch.to_dict("records")
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
-            r.update(video=b"", video_shape="", t_generate_s=0.0, gen_worker=self.worker)
+            r.update(video=b"", video_shape="", t_refine_s=0.0, t_generate_s=0.0, gen_worker=self.worker)
             if r["status"] != "pending":
                 continue
             try:
@@ -258,11 +296,15 @@ class GenerateStage:
             except Exception as e:  # noqa: BLE001 - a LoRA file whose keys or shapes do not fit: this row only
                 _fail(r, ValueError(f"lora_uri: {error_text(e)}") if r.get("lora_file") else e)
                 continue
-            groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(r)
+        if self.cfg.generation.refine_steps:
+            self._refine([r for r in rows if "_lora" in r])
+        for r in rows:
+            if r["status"] == "pending" and "_lora" in r:
+                groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(r)
         for key, group in groups.items():
             self._run_group(group, key)
         for r in rows:
-            for k in ("lora_a", "lora_b", "image_pixels", "lora_file", "_lora", "source_lora_uri"):
+            for k in ("lora_a", "lora_b", "image_pixels", "lora_file", "_lora", "source_lora_uri", "refine_pixels"):
                 r.pop(k, None)
         return pd.DataFrame(rows)
 

@@ -144,6 +144,46 @@ def test_batch_equals_single_process_per_row(ray_local, tiny_backbone_dir, check
     assert lora_effect > 3 * max(diffs.values()), (lora_effect, diffs)
 
 
+def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    """--refine-steps: the generation stage refines each row's LoRA on its reference and caption, once per distinct
+    pair; its video is the library's refined one. Strength 0 rows are not refined, mixes fail naming the column."""
+    from video2lora.generate import GenerationRequest, Video2LoRAGenerator
+
+    _, refs = clips
+    rows = [{"sample_id": "a", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a blue square", "seed": 1},
+            {"sample_id": "b", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a green ring", "seed": 2},
+            {"sample_id": "bare", "reference_uri": refs[1], "prompt": "a green ring", "seed": 3, "lora_strength": 0.0},
+            {"sample_id": "mix", "reference_uris": [refs[0], refs[1]], "prompt": "x", "seed": 4}]
+    generation = GenerationConfig(**GEN, step_cache="none", refine_steps=4, refine_lr=1e-2)
+    out = tmp_path / "out"
+    summary = run_batch_job(write_manifest(tmp_path / "m.parquet", rows),
+                            config(tiny_backbone_dir, checkpoint, out, generation=generation, export_loras=True),
+                            progress=False)
+    res = results_of(str(out))
+    assert summary["ok"] == 3 and res.loc["mix", "status"] == "failed"
+    assert "refine_steps" in res.loc["mix", "error"] and "reference_uris" in res.loc["mix", "error"]
+    assert (res.loc[["a", "b"], "t_refine_s"] > 0).sum() == 1  # one refinement for the two rows
+    assert res.loc["bare", "t_refine_s"] == 0
+    ref = read_video(refs[0], 9, 32, 32)
+    ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline ships references between stages as uint8
+    gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
+    request = GenerationRequest("a blue square", reference=ref, reference_prompt="a red circle", seed=1)
+    refined = gen.generate([request])[0]
+    # the row's LoRA file is the refined LoRA (weight level), not the prediction
+    exported = gen.lora_from_file((out / "loras" / "a.safetensors").read_bytes(), "a")
+    expected = gen.refine_loras([request.lora], [ref], ["a red circle"])[0]
+    expected = gen.lora_from_file(gen.export_lora(expected, 1.0), "expected")
+    predicted = gen.lora_from_file(gen.export_lora(request.lora, 1.0), "predicted")
+    for got, want, before in zip(exported.ups, expected.ups, predicted.ups):  # float noise of the batched
+        assert (got - want).abs().max() < 0.1 * (want - before).abs().max()   # prediction, through 4 Adam steps
+    plain = Video2LoRAGenerator(gen.backbone, gen.model, GenerationConfig(**GEN, step_cache="none"))
+    unrefined = plain.generate([GenerationRequest("a blue square", reference=ref, seed=1)])[0]
+    made = read_video(str(out / "videos" / "a.mp4"), 9, 32, 32)
+    codec = lambda v: decode_video(encode_video(v), "single", 9, 32, 32)  # noqa: E731 - H.264 is lossy
+    error, refinement = float((made - codec(refined)).abs().mean()), float((codec(unrefined) - codec(refined)).abs().mean())
+    assert refinement > 4 * error, (error, refinement)  # the refined video, not the prediction's
+
+
 def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):
     """...and the driver reads the checkpoint's weights once per job (check_artifacts hands their identity to the
     row fingerprints), whether every row, some or none is left to do."""

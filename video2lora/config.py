@@ -117,6 +117,21 @@ class GenerationConfig:
     step_cache_threshold: float | None = None  # magcache: 0.3
     compile_blocks: bool = False  # torch.compile each transformer block (LoRAs are graph inputs: no recompiles)
     fuse_qkv: bool = False  # one q/k/v GEMM and one LoRA down-projection per attention
+    # refine each predicted LoRA on its own reference before generating (video2lora/refine.py): Adam steps of the
+    # diffusion loss on `refine_draws` noised copies of the reference, A_pred and B_pred only. 0: zero-shot, the
+    # paper's method. Costs refine_steps forward and backward DiT passes per reference, not per video
+    refine_steps: int = 0
+    refine_lr: float = 3e-3
+    refine_draws: int = 2
+
+    def __post_init__(self):
+        steps, draws, lr = self.refine_steps, self.refine_draws, self.refine_lr
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 10_000:
+            raise ValueError(f"refine_steps={steps!r}: expected a whole number from 0 to 10000")
+        if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= 64:
+            raise ValueError(f"refine_draws={draws!r}: expected a whole number from 1 to 64")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
+            raise ValueError(f"refine_lr={lr!r}: expected a number in (0, 1]")
 
 
 @dataclass

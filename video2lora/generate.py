@@ -15,6 +15,7 @@ from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .export import ExportedLoRA
 from .predict import PredictedLoRA, predict_loras
+from .refine import refine_lora
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class GenerationRequest:
     negative_prompt: str | None = None
     seed: int | None = None
     lora_strength: float | None = None
+    # the reference's caption, for GenerationConfig.refine_steps > 0 (the refinement's prompt; "": the empty one)
+    reference_prompt: str = ""
 
 
 @dataclass
@@ -120,6 +123,35 @@ class Video2LoRAGenerator:
             raise ValueError("no hypernetwork loaded: pass checkpoint_uri to predict LoRAs")
         return predict_loras(self.backbone, self.model.hypernet, references, batch_size)
 
+    def refine_loras(self, loras: list[PredictedLoRA], references: list[torch.Tensor],
+                     reference_prompts: list[str] | None = None) -> list[PredictedLoRA]:
+        """Each predicted LoRA refined on its own reference clip (3, F, H, W) in [-1, 1] and caption (""
+        for none) for config.refine_steps steps (video2lora/refine.py); unchanged with refine_steps = 0."""
+        c, bb = self.config, self.backbone
+        if c.refine_steps == 0:
+            return list(loras)
+        if self.model is None:
+            raise ValueError("no checkpoint loaded: refining needs the checkpoint's aux matrices")
+        prompts = reference_prompts or [""] * len(references)
+        if not len(loras) == len(references) == len(prompts):
+            raise ValueError(f"{len(loras)} LoRAs, {len(references)} references, {len(prompts)} prompts: one each")
+        self.step_cost.clear_cache()  # a step cache would skip blocks of the training forward
+        out = []
+        with torch.no_grad():
+            empty = bb.encode_prompts([""])
+        for lora, ref, prompt in zip(loras, references, prompts):
+            if not isinstance(lora, PredictedLoRA):
+                raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
+            with torch.no_grad():
+                pixels = ref[None].to(bb.device, bb.dtype)
+                latents = bb.encode_video(pixels, generator=None)  # the mean, as the prepared training data
+                embeds = bb.encode_prompts([prompt])
+                images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
+            refined, _ = refine_lora(self.model, bb, self.layer_names, lora, latents, embeds, empty, images,
+                                     steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
+            out.append(refined)
+        return out
+
     def materialize(self, loras: list[PredictedLoRA | ExportedLoRA | None]) -> tuple[list[LayerLoRA], torch.Tensor]:
         """Per-layer LoRAs for a batch; rows without a LoRA get zeros and strength 0. Rows of different ranks (a
         blend, a LoRA file) are padded with zero factors to the largest: a zero rank adds exactly nothing."""
@@ -185,6 +217,9 @@ class Video2LoRAGenerator:
         tiling = c.vae_tiling if c.vae_tiling is not None else max(height, width) > 256
         self.backbone.enable_vae_tiling(tiling)
 
+        if c.refine_steps and any(r.references for r in requests):
+            raise InputError("reference_uris", "reference_uris: refine_steps > 0 refines the LoRA of one "
+                             "reference; a mix of several is not refined: give one reference, or refine_steps 0")
         start = time.perf_counter()
         missing = [i for i, r in enumerate(requests) if r.lora is None and r.reference is not None]
         if missing:
@@ -196,6 +231,15 @@ class Video2LoRAGenerator:
                 weights = r.reference_weights or [1.0 / len(r.references)] * len(r.references)
                 r.lora = PredictedLoRA.blend(self.predict_loras(list(r.references)), list(weights))
         timings.add("hypernet", time.perf_counter() - start)
+        loras = [r.lora for r in requests]  # refined here, the requests keep their predictions
+        if c.refine_steps:
+            start = time.perf_counter()
+            todo = [i for i, r in enumerate(requests) if r.reference is not None and isinstance(r.lora, PredictedLoRA)]
+            refined = self.refine_loras([loras[i] for i in todo], [requests[i].reference for i in todo],
+                                        [requests[i].reference_prompt for i in todo])
+            for i, lora in zip(todo, refined):
+                loras[i] = lora
+            timings.add("refine", time.perf_counter() - start)
 
         generators = [torch.Generator("cpu").manual_seed(c.seed if r.seed is None else int(r.seed)) for r in requests]
         prompts = [r.prompt for r in requests]
@@ -212,8 +256,8 @@ class Video2LoRAGenerator:
             device, dtype = self.backbone.device, self.backbone.dtype
             layers = [LayerLoRA(l.down.to(device, dtype), l.up.to(device, dtype)) for l in layer_loras]
             present = torch.ones(len(requests), dtype=torch.bool)
-        elif self.model is not None and any(r.lora is not None for r in requests):
-            layers, present = self.materialize([r.lora for r in requests])
+        elif self.model is not None and any(lora is not None for lora in loras):
+            layers, present = self.materialize(loras)
         if layers is not None:
             strengths = torch.tensor([c.lora_strength if r.lora_strength is None else r.lora_strength for r in requests])
             strengths = torch.where(present, strengths, torch.zeros_like(strengths))

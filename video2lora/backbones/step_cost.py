@@ -216,6 +216,12 @@ class StepCost:
             compile_blocks(self.transformer)
             self.compiled = True
 
+    def clear_cache(self) -> None:
+        """Turn the step cache off (the next `apply` turns it on again): for a forward pass that must not skip."""
+        if self.cache_key is not None:
+            self.transformer.disable_cache()
+            self.cache_key = None
+
     def calibrate_magcache(self, steps: int, calibration_run) -> tuple[float, ...]:
         """diffusers' MagCache calibration pass (nothing skipped) over `calibration_run()`: the mean ratio of the
         blocks' residual norm at each step to the one before, which diffusers reports through its logger."""

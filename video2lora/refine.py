@@ -1,0 +1,61 @@
+"""Refining a predicted LoRA on its own reference clip, before generation (HyperDreamBooth's fast fine-tuning).
+
+Zero-shot, the hypernetwork's LoRA for an effect it never saw is much weaker than the best LoRA its own output
+space holds for that effect (docs/EFFECTS.md, "refining on the reference"). A few Adam steps of the backbone's own
+diffusion loss on the reference clip, starting from the prediction and moving only A_pred and B_pred (about 150
+floats per layer; the backbone and the aux matrices stay frozen), close part of that gap. It costs `steps` forward
+and backward passes of the DiT over `draws` noised copies of the reference, once per reference (not per video).
+
+Each reference is refined on its own, with noise and timesteps drawn from `seed` alone: its refined LoRA does not
+depend on which other references share the call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lightlora import LayerLoRA, per_sample_loras
+from .predict import PredictedLoRA
+from .training.loss import ACTIVATION_CHECKPOINTING_ABOVE, prompt_dropout
+
+
+def refine_lora(model, backbone, layer_names: list[str], lora: PredictedLoRA, latents: torch.Tensor,
+                prompt_embeds: torch.Tensor, empty_prompt: torch.Tensor, image_latents: torch.Tensor | None = None,
+                steps: int = 40, lr: float = 3e-3, draws: int = 2, seed: int = 0,
+                prompt_dropout_p: float = 0.1) -> tuple[PredictedLoRA, list[float]]:
+    """One reference: `lora` refined for `steps` Adam steps on the reference's latents (1, C, f, h, w) with its
+    caption's embedding (1, T, D) (dropped for `empty_prompt` at the training rate, as in training). The LightLoRA
+    layers `layer_names` must be injected in `backbone.transformer`. Returns the refined LoRA and the loss of
+    every step."""
+    if steps < 0 or draws < 1 or lr <= 0:
+        raise ValueError(f"refine: steps={steps}, draws={draws}, lr={lr}: need steps >= 0, draws >= 1, lr > 0")
+    if steps == 0:
+        return lora, []
+    device, dtype = backbone.device, backbone.dtype
+    a = torch.nn.Parameter(lora.a_pred.detach().to(device, torch.float32).clone()[None])
+    b = torch.nn.Parameter(lora.b_pred.detach().to(device, torch.float32).clone()[None])
+    opt = torch.optim.Adam([a, b], lr=lr)
+    rows = torch.zeros(draws, dtype=torch.long)
+    latents, prompt_embeds = latents.to(device, dtype)[rows], prompt_embeds.to(device, dtype)[rows]
+    images = None if image_latents is None else image_latents.to(device, dtype)[rows]
+    strengths = torch.ones(draws, device=device)
+    losses = []
+    # the DiT's activations for the backward pass: checkpointed above the size the training job checkpoints at
+    checkpointing = backbone.transformer.gradient_checkpointing
+    backbone.enable_activation_checkpointing(checkpointing or backbone.num_parameters > ACTIVATION_CHECKPOINTING_ABOVE)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                g = torch.Generator().manual_seed(seed * 100_003 + step)
+                embeds, _ = prompt_dropout(prompt_embeds, empty_prompt, prompt_dropout_p, g)
+                layers = model.materialize(a[rows], b[rows])
+                layers = [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers]
+                with per_sample_loras(backbone.transformer, layer_names, layers, strengths):
+                    loss = backbone.training_loss(latents, embeds, images, generator=g).float().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    finally:
+        backbone.enable_activation_checkpointing(checkpointing)
+    return PredictedLoRA(a.detach()[0].cpu(), b.detach()[0].cpu()), losses
