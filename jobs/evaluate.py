@@ -88,8 +88,13 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     # the batch job resumes by sample id: videos made for other rows (another seed, effect set or row protocol) or
     # by another model or sampler would be taken as done under the same names. They belong to that earlier
     # evaluation and are made again
-    signature = json.dumps({"rows": manifest, "checkpoint": checkpoint, "backbone": backbone,
-                            "generation": dataclasses.asdict(resolved(cfg.generation))}, sort_keys=True, default=str)
+    generation = dataclasses.asdict(resolved(cfg.generation))
+    signed_rows = manifest
+    if not cfg.generation.refine_steps:  # without refinement, the signature evaluations had before it existed
+        generation = {k: v for k, v in generation.items() if not k.startswith("refine")}
+        signed_rows = [{k: v for k, v in r.items() if k != "reference_prompt"} for r in manifest]
+    signature = json.dumps({"rows": signed_rows, "checkpoint": checkpoint, "backbone": backbone,
+                            "generation": generation}, sort_keys=True, default=str)
     signed = os.path.join(out, "gen_signature.json")
     earlier = None
     if os.path.exists(signed):
@@ -217,6 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from pipelines.manifest import MAX_REFERENCES
     if not 1 <= a.references_per_row <= MAX_REFERENCES:
         p.error(f"--references-per-row {a.references_per_row}: a mix takes 1 to {MAX_REFERENCES} references")
+    if a.refine_steps and a.references_per_row > 1:
+        p.error("--refine-steps refines the LoRA of one reference: use it with --references-per-row 1")
     return a
 
 

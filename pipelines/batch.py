@@ -22,7 +22,7 @@ from pipelines.common import SetupError, error_text, init_ray
 from pipelines.config import BatchJobConfig, with_placement
 from pipelines.fingerprint import job_signature, row_fingerprint
 from pipelines.gallery import JOB_NAME
-from pipelines.manifest import Manifest
+from pipelines.manifest import Manifest, refine_refusal
 from pipelines.metrics import JobMetrics
 from pipelines.stages import RESULT_COLUMNS, GenerateStage, HypernetStage, fetch_and_decode, write_videos
 from video2lora.storage import exists, join, read_bytes, redact, remove_partial_writes, safe_child, write_bytes_atomic
@@ -206,14 +206,19 @@ def planned_blocks(manifest: Manifest, results: dict[str, dict], cfg: BatchJobCo
                 results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
                                                                     "error": error_text(e)}
                 continue
+            if done and done["row_fingerprint"] == planned["row_fingerprint"]:
+                continue  # made earlier from the same inputs and settings (a mix: refinement would not change it)
             if done:
-                if done["row_fingerprint"] == planned["row_fingerprint"]:
-                    continue  # made earlier from the same inputs and settings
                 changed.append(sid)
                 if not cfg.redo_changed:
                     continue
                 del results[sid]
                 _forget(cfg.output, sid)
+            refusal = refine_refusal(planned) if cfg.generation.refine_steps else None
+            if refusal is not None:  # refused before any work, like a row plan_row refuses
+                results[sid] = {c: None for c in RESULT_COLUMNS} | {"sample_id": sid, "status": "failed",
+                                                                    "error": error_text(refusal)}
+                continue
             todo.append(planned)
         whole = len(todo) - len(todo) % step
         if whole:  # one DataFrame per manifest batch, cut in slices: a DataFrame per 4 rows costs 25x more

@@ -84,9 +84,18 @@ def portable(uri: str, base: str) -> str:
 
 def row_fingerprint(planned: dict, job: dict, base: str) -> str:
     """The fingerprint of a planned row (pipelines.batch.plan_row's dict, sample_id aside) under `job`."""
+    from pipelines.manifest import refined
+
     spec = {k: v for k, v in planned.items() if k not in ("sample_id", "row_fingerprint")}
-    if "refine" not in job or not spec.get("reference_prompt"):  # read only when refining: other rows keep the
-        spec.pop("reference_prompt", None)  # fingerprints they had before the column existed
+    # refinement and the caption it reads count only for rows a refining job refines: other rows, and every row
+    # of a job without it, keep the fingerprints they had before either existed
+    if "refine" in job and refined(spec.get("reference_weights") or [], spec.get("lora_uri") or "",
+                                   spec.get("lora_strength", 1.0)):
+        if not spec.get("reference_prompt"):
+            spec.pop("reference_prompt", None)
+    else:
+        job = {k: v for k, v in job.items() if k != "refine"}
+        spec.pop("reference_prompt", None)
     for col in ("image_uri", "lora_uri"):
         spec[col] = portable(spec.get(col) or "", base)
     spec["reference_uris"] = [portable(u, base) for u in spec.get("reference_uris") or []]

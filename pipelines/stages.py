@@ -21,8 +21,7 @@ import torch
 
 from pipelines.common import error_text, frames_to_uint8, uint8_to_frames
 from pipelines.config import BatchJobConfig
-from pipelines.manifest import SETTING_COLUMNS
-from video2lora.config import InputError
+from pipelines.manifest import SETTING_COLUMNS, refined
 from video2lora.predict import PredictedLoRA
 from video2lora.storage import content_hash, join, read_bytes, safe_child, write_bytes_atomic
 
@@ -158,7 +157,8 @@ class HypernetStage:
         for r in rows:
             pixels = r.pop("ref_pixels", None)
             # refining: the generation stage refines the LoRA on the reference (it holds the DiT)
-            r["refine_pixels"] = pixels[0] if refining and pixels is not None and len(pixels) == 1 else b""
+            refine = refining and pixels is not None and refined(r["ref_weights"], r["source_lora_uri"], r["lora_strength"])
+            r["refine_pixels"] = pixels[0] if refine else b""
             pending = r["status"] == "pending" and bool(r["ref_hashes"])
             # a hit: every reference of the row was predicted before (an earlier batch, or an earlier row of this one)
             hit = pending and not any(h in new for h in r["ref_hashes"])
@@ -205,17 +205,13 @@ class GenerateStage:
         return self.generator.lora_from_bytes(r["lora_a"], r["lora_b"])
 
     def _refine(self, rows: list[dict]) -> None:
-        """Refine each pending row's predicted LoRA on its reference (GenerationConfig.refine_steps), each distinct
-        reference and caption once; a row whose refinement fails fails alone."""
+        """Refine the predicted LoRA of each row the hypernetwork stage passed a reference for (one reference at
+        weight 1, strength not 0: `manifest.refined`; mixes were refused when planned), each distinct reference and
+        caption once; the rows of a refinement that fails fail, the others go on."""
         g = self.cfg.generation
+        rows = [r for r in rows if r["status"] == "pending" and r.get("refine_pixels")]  # the rows it refines
         todo: dict[tuple, dict] = {}
         for r in rows:
-            if r["status"] != "pending" or r.get("lora_file") or not r["lora_strength"]:
-                continue  # a LoRA file has no reference; at strength 0 no LoRA is applied
-            if not r.get("refine_pixels"):
-                _fail(r, InputError("reference_uris", "reference_uris: refine_steps > 0 refines the LoRA of one "
-                                    "reference; this row mixes several: give one reference, or refine_steps 0"))
-                continue
             key = (r["reference_hash"], r["reference_prompt"])
             if key not in self.refined:
                 todo.setdefault(key, r)
@@ -227,11 +223,11 @@ class GenerateStage:
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
                 for other in rows:
-                    if other["status"] == "pending" and (other["reference_hash"], other["reference_prompt"]) == key:
+                    if (other["reference_hash"], other["reference_prompt"]) == key:
                         _fail(other, e)
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
-            if r["status"] == "pending" and not r.get("lora_file") and r["lora_strength"] and key in self.refined:
+            if r["status"] == "pending" and key in self.refined:
                 r["_lora"] = self.refined[key]
                 self.refined.move_to_end(key)
         while len(self.refined) > LORA_CACHE_SIZE:

@@ -1,5 +1,6 @@
 """The batch job on Ray Data, end to end on the tiny models (one local Ray instance for the module)."""
 
+import dataclasses
 import io
 import os
 
@@ -146,24 +147,30 @@ def test_batch_equals_single_process_per_row(ray_local, tiny_backbone_dir, check
 
 def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
     """--refine-steps: the generation stage refines each row's LoRA on its reference and caption, once per distinct
-    pair; its video is the library's refined one. Strength 0 rows are not refined, mixes fail naming the column."""
+    pair; its video is the library's refined one. Turned on for a resume, it keeps the rows it would not refine
+    (strength 0, a mix made earlier) and refuses a new mix before any work, naming the column."""
     from video2lora.generate import GenerationRequest, Video2LoRAGenerator
 
     _, refs = clips
-    rows = [{"sample_id": "a", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a blue square", "seed": 1},
-            {"sample_id": "b", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a green ring", "seed": 2},
-            {"sample_id": "bare", "reference_uri": refs[1], "prompt": "a green ring", "seed": 3, "lora_strength": 0.0},
-            {"sample_id": "mix", "reference_uris": [refs[0], refs[1]], "prompt": "x", "seed": 4}]
-    generation = GenerationConfig(**GEN, step_cache="none", refine_steps=4, refine_lr=1e-2)
+    earlier = [{"sample_id": "bare", "reference_uri": refs[1], "prompt": "a green ring", "seed": 3, "lora_strength": 0.0},
+               {"sample_id": "mix", "reference_uris": [refs[0], refs[1]], "prompt": "x", "seed": 4}]
+    rows = earlier + [
+        {"sample_id": "a", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a blue square", "seed": 1},
+        {"sample_id": "b", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a green ring", "seed": 2},
+        {"sample_id": "new_mix", "reference_uris": [refs[0]], "reference_weights": [0.5], "prompt": "x", "seed": 5}]
+    plain = GenerationConfig(**GEN, step_cache="none")
+    generation = dataclasses.replace(plain, refine_steps=4, refine_lr=1e-2)
     out = tmp_path / "out"
+    run_batch_job(write_manifest(tmp_path / "m0.parquet", earlier), config(tiny_backbone_dir, checkpoint, out,
+                  generation=plain), progress=False)
     summary = run_batch_job(write_manifest(tmp_path / "m.parquet", rows),
                             config(tiny_backbone_dir, checkpoint, out, generation=generation, export_loras=True),
                             progress=False)
     res = results_of(str(out))
-    assert summary["ok"] == 3 and res.loc["mix", "status"] == "failed"
-    assert "refine_steps" in res.loc["mix", "error"] and "reference_uris" in res.loc["mix", "error"]
+    assert summary["ok"] == 2 and summary["skipped"] == 2 and summary["failed"] == 1, summary
+    assert set(res.index[res.status == "skipped"]) == {"bare", "mix"}  # kept: refinement would not change them
+    assert "refine_steps" in res.loc["new_mix", "error"] and "reference_uris" in res.loc["new_mix", "error"]
     assert (res.loc[["a", "b"], "t_refine_s"] > 0).sum() == 1  # one refinement for the two rows
-    assert res.loc["bare", "t_refine_s"] == 0
     ref = read_video(refs[0], 9, 32, 32)
     ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline ships references between stages as uint8
     gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
@@ -176,8 +183,8 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     predicted = gen.lora_from_file(gen.export_lora(request.lora, 1.0), "predicted")
     for got, want, before in zip(exported.ups, expected.ups, predicted.ups):  # float noise of the batched
         assert (got - want).abs().max() < 0.1 * (want - before).abs().max()   # prediction, through 4 Adam steps
-    plain = Video2LoRAGenerator(gen.backbone, gen.model, GenerationConfig(**GEN, step_cache="none"))
-    unrefined = plain.generate([GenerationRequest("a blue square", reference=ref, seed=1)])[0]
+    unrefined = Video2LoRAGenerator(gen.backbone, gen.model, plain).generate(
+        [GenerationRequest("a blue square", reference=ref, seed=1)])[0]
     made = read_video(str(out / "videos" / "a.mp4"), 9, 32, 32)
     codec = lambda v: decode_video(encode_video(v), "single", 9, 32, 32)  # noqa: E731 - H.264 is lossy
     error, refinement = float((made - codec(refined)).abs().mean()), float((codec(unrefined) - codec(refined)).abs().mean())

@@ -53,6 +53,16 @@ def test_refinement_lowers_the_reference_loss_and_leaves_the_models_frozen(gener
     assert zero is predicted
 
 
+def test_refinement_leaves_activation_checkpointing_as_it_found_it(generator):
+    ref = random_clips(1, seed=25)[0]
+    lora = generator.predict_loras([ref])[0]
+    bb = generator.backbone
+    for before in (True, False):
+        bb.enable_activation_checkpointing(before)
+        generator.refine_loras([lora], [ref], ["a red circle"])
+        assert bb.transformer.gradient_checkpointing is before
+
+
 def test_a_reference_is_refined_the_same_alone_or_with_others(generator):
     refs = random_clips(2, seed=22)
     loras = generator.predict_loras(refs)
@@ -124,6 +134,11 @@ def test_fingerprints_change_with_refinement_only_when_refining(tmp_path):
     assert refining != plain["row_fingerprint"]
     assert refining != planned(REFINE, reference_prompt="a blue square")[0]["row_fingerprint"]
     assert refining != planned(dataclasses.replace(REFINE, refine_steps=13), reference_prompt="a red circle")[0]["row_fingerprint"]
+    # rows a refining job does not refine keep their fingerprints: strength 0, a LoRA file
+    assert (planned(REFINE, lora_strength=0.0, reference_prompt="a red circle")[0]["row_fingerprint"]
+            == planned(GEN, lora_strength=0.0)[0]["row_fingerprint"])
+    lora_row = {"reference_uri": None, "lora_uri": "/loras/x.safetensors"}
+    assert planned(REFINE, **lora_row)[0]["row_fingerprint"] == planned(GEN, **lora_row)[0]["row_fingerprint"]
     with pytest.raises(InputError) as e:
         planned(REFINE, reference_prompt=3)
     assert e.value.field == "reference_prompt"

@@ -14,7 +14,7 @@ from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .export import ExportedLoRA
-from .predict import PredictedLoRA, predict_loras
+from .predict import TILE_ABOVE, PredictedLoRA, predict_loras
 from .refine import refine_lora
 
 logger = logging.getLogger(__name__)
@@ -139,14 +139,20 @@ class Video2LoRAGenerator:
         out = []
         with torch.no_grad():
             empty = bb.encode_prompts([""])
+        was_tiled = bool(getattr(bb.vae, "use_tiling", False))
         for lora, ref, prompt in zip(loras, references, prompts):
             if not isinstance(lora, PredictedLoRA):
                 raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
-            with torch.no_grad():
-                pixels = ref[None].to(bb.device, bb.dtype)
-                latents = bb.encode_video(pixels, generator=None)  # the mean, as the prepared training data
-                embeds = bb.encode_prompts([prompt])
-                images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
+            # encoded as the hypernetwork stage encodes it (tiled above its size), whatever the decoder last chose
+            bb.enable_vae_tiling(max(ref.shape[-2:]) > TILE_ABOVE)
+            try:
+                with torch.no_grad():
+                    pixels = ref[None].to(bb.device, bb.dtype)
+                    latents = bb.encode_video(pixels, generator=None)  # the mean, as the prepared training data
+                    embeds = bb.encode_prompts([prompt])
+                    images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
+            finally:
+                bb.enable_vae_tiling(was_tiled)
             refined, _ = refine_lora(self.model, bb, self.layer_names, lora, latents, embeds, empty, images,
                                      steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
             out.append(refined)
@@ -232,9 +238,9 @@ class Video2LoRAGenerator:
                 r.lora = PredictedLoRA.blend(self.predict_loras(list(r.references)), list(weights))
         timings.add("hypernet", time.perf_counter() - start)
         loras = [r.lora for r in requests]  # refined here, the requests keep their predictions
-        if c.refine_steps:
+        todo = [i for i, r in enumerate(requests) if r.reference is not None and isinstance(r.lora, PredictedLoRA)]
+        if c.refine_steps and todo:
             start = time.perf_counter()
-            todo = [i for i, r in enumerate(requests) if r.reference is not None and isinstance(r.lora, PredictedLoRA)]
             refined = self.refine_loras([loras[i] for i in todo], [requests[i].reference for i in todo],
                                         [requests[i].reference_prompt for i in todo])
             for i, lora in zip(todo, refined):

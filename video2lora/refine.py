@@ -46,7 +46,7 @@ def refine_lora(model, backbone, layer_names: list[str], lora: PredictedLoRA, la
     try:
         with torch.enable_grad():
             for step in range(steps):
-                g = torch.Generator().manual_seed(seed * 100_003 + step)
+                g = torch.Generator().manual_seed(seed * 100_003 + step)  # this reference's draws, nobody else's
                 embeds, _ = prompt_dropout(prompt_embeds, empty_prompt, prompt_dropout_p, g)
                 layers = model.materialize(a[rows], b[rows])
                 layers = [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers]
