@@ -57,7 +57,7 @@ def manifest_rows(rows: list[dict], lora_strength: float = 1.0) -> list[dict]:
             source = ({"reference_uris": r["reference_uris"]} if mixed and method == "video2lora"
                       else {"reference_uri": r["reference_uri"]})
             manifest.append({"sample_id": f"{method}__{r['name']}", **source, "prompt": r["prompt"],
-                             "reference_prompt": r["reference_prompt"],  # what a refined LoRA is refined with
+                             "reference_prompt": r.get("reference_prompt", ""),  # what a refined LoRA is refined with
                              "seed": r["seed"], "lora_strength": strength})
     return manifest
 

@@ -215,6 +215,10 @@ class GenerateStage:
             key = (r["reference_hash"], r["reference_prompt"])
             if key not in self.refined:
                 todo.setdefault(key, r)
+        uncaptioned = sum(1 for _, caption in todo if not caption)
+        if uncaptioned:  # measured: without the reference's caption the LoRA learns its content (README)
+            logger.warning("refining %d reference(s) without a reference_prompt: refinement then gains little and "
+                           "costs content fidelity; give each reference's caption", uncaptioned)
         for key, r in todo.items():
             start = time.perf_counter()
             try:

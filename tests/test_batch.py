@@ -157,7 +157,8 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     rows = earlier + [
         {"sample_id": "a", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a blue square", "seed": 1},
         {"sample_id": "b", "reference_uri": refs[0], "reference_prompt": "a red circle", "prompt": "a green ring", "seed": 2},
-        {"sample_id": "new_mix", "reference_uris": [refs[0]], "reference_weights": [0.5], "prompt": "x", "seed": 5}]
+        {"sample_id": "new_mix", "reference_uris": [refs[0]], "reference_weights": [0.5], "prompt": "x", "seed": 5},
+        {"sample_id": "new_bare", "reference_uri": refs[2], "prompt": "x", "seed": 6, "lora_strength": 0.0}]
     plain = GenerationConfig(**GEN, step_cache="none")
     generation = dataclasses.replace(plain, refine_steps=4, refine_lr=1e-2)
     out = tmp_path / "out"
@@ -167,7 +168,8 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
                             config(tiny_backbone_dir, checkpoint, out, generation=generation, export_loras=True),
                             progress=False)
     res = results_of(str(out))
-    assert summary["ok"] == 2 and summary["skipped"] == 2 and summary["failed"] == 1, summary
+    assert summary["ok"] == 3 and summary["skipped"] == 2 and summary["failed"] == 1, summary
+    assert res.loc["new_bare", "t_refine_s"] == 0  # strength 0: no LoRA applied, none refined
     assert set(res.index[res.status == "skipped"]) == {"bare", "mix"}  # kept: refinement would not change them
     assert "refine_steps" in res.loc["new_mix", "error"] and "reference_uris" in res.loc["new_mix", "error"]
     assert (res.loc[["a", "b"], "t_refine_s"] > 0).sum() == 1  # one refinement for the two rows

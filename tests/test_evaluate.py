@@ -162,9 +162,11 @@ def test_mixed_rows_in_the_manifest_and_on_the_command_line(tmp_path):
     assert all(m[f"{k}__b"]["reference_uri"] == "s0.mp4" and "reference_uris" not in m[f"{k}__b"]
                for k in ("video2lora", "no_lora"))
     assert ev.parse_args(["--references-per-row", "8"]).references_per_row == 8
-    for bad in ("0", "9"):
+    for bad in (["--references-per-row", "0"], ["--references-per-row", "9"],
+                ["--references-per-row", "2", "--refine-steps", "4"]):  # refinement takes one reference
         with pytest.raises(SystemExit):
-            ev.parse_args(["--references-per-row", bad])
+            ev.parse_args(bad)
+    assert ev.parse_args(["--refine-steps", "4"]).refine_steps == 4
     (tmp_path / "results.json").write_text(json.dumps({"rows": []}))  # an earlier run: one reference per row
     ev.check_against(str(tmp_path), 1)
     with pytest.raises(ValueError, match="references per row"):
