@@ -123,15 +123,20 @@ SETTING_COLUMNS = ("prompt", "negative_prompt", "seed", "num_frames", "height", 
                    "lora_strength", "reference_prompt")
 
 
+def _one_reference(weights) -> bool:
+    """Exactly one reference at weight 1 (not a mix)."""
+    return [float(w) for w in weights] == [1.0]
+
+
 def refined(weights, lora_uri: str, lora_strength: float) -> bool:
     """Whether a refining job (GenerationConfig.refine_steps > 0) refines a row's LoRA: one reference at weight 1,
     applied (strength not 0). A LoRA file has no reference; a mix is refused (`refine_refusal`)."""
-    return not lora_uri and [float(w) for w in weights] == [1.0] and bool(lora_strength)
+    return not lora_uri and _one_reference(weights) and bool(lora_strength)
 
 
 def refine_refusal(planned: dict) -> InputError | None:
     """A refining job's reason to refuse a planned row: a mix (several references, or one at another weight)."""
-    if planned["lora_uri"] or [float(w) for w in planned["reference_weights"]] == [1.0]:
+    if planned["lora_uri"] or _one_reference(planned["reference_weights"]):
         return None
     return InputError("reference_uris", "reference_uris: refine_steps > 0 refines the LoRA of one reference at "
                       "weight 1; this row mixes references: give one reference_uri, or refine_steps 0")

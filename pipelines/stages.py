@@ -193,7 +193,7 @@ class GenerateStage:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at the default size: the rows calibrate as they come
             logger.warning("step-cache warm-up failed (%s); the first rows calibrate instead", error_text(e))
         self.cfg = cfg
-        self.refined: OrderedDict[tuple, PredictedLoRA] = OrderedDict()  # (reference hash, caption) -> refined LoRA
+        self.refined_loras: OrderedDict[tuple, PredictedLoRA] = OrderedDict()  # (reference hash, caption) -> refined LoRA
         self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
                        f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
@@ -213,7 +213,7 @@ class GenerateStage:
         todo: dict[tuple, dict] = {}
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
-            if key not in self.refined:
+            if key not in self.refined_loras:
                 todo.setdefault(key, r)
         uncaptioned = sum(1 for _, caption in todo if not caption)
         if uncaptioned:  # measured: without the reference's caption the LoRA learns its content (README)
@@ -223,7 +223,7 @@ class GenerateStage:
             start = time.perf_counter()
             try:
                 ref = uint8_to_frames(r["refine_pixels"], (3, g.num_frames, g.height, g.width))
-                self.refined[key] = self.generator.refine_loras([r["_lora"]], [ref], [r["reference_prompt"]])[0]
+                self.refined_loras[key] = self.generator.refine_loras([r["_lora"]], [ref], [r["reference_prompt"]])[0]
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
                 for other in rows:
@@ -231,11 +231,11 @@ class GenerateStage:
                         _fail(other, e)
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
-            if r["status"] == "pending" and key in self.refined:
-                r["_lora"] = self.refined[key]
-                self.refined.move_to_end(key)
-        while len(self.refined) > LORA_CACHE_SIZE:
-            self.refined.popitem(last=False)
+            if r["status"] == "pending" and key in self.refined_loras:
+                r["_lora"] = self.refined_loras[key]
+                self.refined_loras.move_to_end(key)
+        while len(self.refined_loras) > LORA_CACHE_SIZE:
+            self.refined_loras.popitem(last=False)
 
     def _request(self, r):
         from video2lora.generate import GenerationRequest

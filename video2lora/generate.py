@@ -14,7 +14,7 @@ from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .export import ExportedLoRA
-from .predict import TILE_ABOVE, PredictedLoRA, predict_loras
+from .predict import PredictedLoRA, encode_references, predict_loras
 from .refine import refine_lora
 
 logger = logging.getLogger(__name__)
@@ -139,20 +139,14 @@ class Video2LoRAGenerator:
         out = []
         with torch.no_grad():
             empty = bb.encode_prompts([""])
-        was_tiled = bool(getattr(bb.vae, "use_tiling", False))
         for lora, ref, prompt in zip(loras, references, prompts):
             if not isinstance(lora, PredictedLoRA):
                 raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
-            # encoded as the hypernetwork stage encodes it (tiled above its size), whatever the decoder last chose
-            bb.enable_vae_tiling(max(ref.shape[-2:]) > TILE_ABOVE)
-            try:
-                with torch.no_grad():
-                    pixels = ref[None].to(bb.device, bb.dtype)
-                    latents = bb.encode_video(pixels, generator=None)  # the mean, as the prepared training data
-                    embeds = bb.encode_prompts([prompt])
-                    images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
-            finally:
-                bb.enable_vae_tiling(was_tiled)
+            with torch.no_grad():
+                pixels = ref[None].to(bb.device, bb.dtype)
+                latents = encode_references(bb, pixels)  # as the hypernetwork stage encodes it
+                embeds = bb.encode_prompts([prompt])
+                images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
             refined, _ = refine_lora(self.model, bb, self.layer_names, lora, latents, embeds, empty, images,
                                      steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
             out.append(refined)

@@ -63,6 +63,18 @@ class PredictedLoRA:
 
 
 @torch.no_grad()
+def encode_references(backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """Reference clips (N, 3, F, H, W) in [-1, 1] -> their VAE latents, in tiles above TILE_ABOVE px; the VAE's
+    tiling is left as it was (the generator chose its own for decoding)."""
+    was_tiled = bool(getattr(backbone.vae, "use_tiling", False))
+    backbone.enable_vae_tiling(max(pixels.shape[-2:]) > TILE_ABOVE)
+    try:
+        return backbone.encode_video(pixels)
+    finally:
+        backbone.enable_vae_tiling(was_tiled)
+
+
+@torch.no_grad()
 def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
     """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
     out = []
@@ -71,12 +83,7 @@ def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size
         shapes = {tuple(r.shape) for r in chunk}
         if len(shapes) != 1:
             raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
-        was_tiled = bool(getattr(backbone.vae, "use_tiling", False))
-        backbone.enable_vae_tiling(max(chunk[0].shape[-2:]) > TILE_ABOVE)
-        try:
-            latents = backbone.encode_video(torch.stack(chunk))
-        finally:  # the generator chose its own tiling for decoding
-            backbone.enable_vae_tiling(was_tiled)
+        latents = encode_references(backbone, torch.stack(chunk))
         param = next(hypernet.parameters())
         a, b = hypernet(latents.to(param.device, param.dtype))
         out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
