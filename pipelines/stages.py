@@ -16,6 +16,7 @@ import os
 import time
 from collections import OrderedDict
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -126,39 +127,53 @@ class HypernetStage:
         self.cache: OrderedDict[str, PredictedLoRA] = OrderedDict()  # reference content hash -> its LoRA
         logger.info("hypernetwork actor ready in %.1fs", time.perf_counter() - start)
 
-    def _predict(self, rows: list[dict]) -> set[str]:
-        """Predict the LoRAs of the references not cached yet, each distinct one once; returns their hashes."""
-        todo = {}  # hash -> reference pixels
+    def _predict(self, rows: list[dict], refine: set[str]) -> tuple[set[str], dict]:
+        """Predict the LoRAs of the references not cached yet, each distinct one once. Returns their hashes, and the
+        latents of the references in `refine` (hashes), which the generation stage refines on: each reference is
+        encoded once here, cached LoRA or not, and never again downstream."""
+        todo, pixels = [], {}  # hashes to predict; hash -> reference pixels of every hash encoded
         for r in rows:
             if r["status"] == "pending":
-                for h, pixels in zip(r["ref_hashes"], r["ref_pixels"]):
-                    if h not in self.cache and h not in todo:
-                        todo[h] = pixels
-        if todo:
+                for h, px in zip(r["ref_hashes"], r["ref_pixels"]):
+                    if h not in self.cache and h not in pixels:
+                        todo.append(h)
+                    if h not in pixels and (h not in self.cache or h in refine):
+                        pixels[h] = px
+        latents = {}
+        if pixels:
             try:
-                refs = [uint8_to_frames(b, self.ref_shape) for b in todo.values()]
-                loras = self.predictor.predict_loras(refs, batch_size=self.cfg.hyper_batch_size)
-                self.cache.update(zip(todo, loras))
+                encoded = self.predictor.encode([uint8_to_frames(b, self.ref_shape) for b in pixels.values()],
+                                                batch_size=self.cfg.hyper_batch_size)
+                latents = dict(zip(pixels, encoded))
+                self.cache.update(zip(todo, self.predictor.predict_from_latents(
+                    [latents[h] for h in todo], batch_size=self.cfg.hyper_batch_size)))
             except Exception as e:  # noqa: BLE001
                 for r in rows:
-                    if set(r["ref_hashes"]) & set(todo):
+                    if set(r["ref_hashes"]) & set(pixels):
                         _fail(r, e)
-        return set(todo)
+        return set(todo), {h: latents[h] for h in refine if h in latents}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         start = time.perf_counter()
         rows = batch.to_dict("records")
+        refining = self.cfg.generation.refine_steps > 0
         for r in rows:  # list columns arrive as arrays
             r["ref_hashes"], r["ref_weights"] = list(r["ref_hashes"]), [float(w) for w in r["ref_weights"]]
             r["ref_pixels"] = list(r["ref_pixels"])
-        new = self._predict(rows)
-        elapsed = (time.perf_counter() - start) / max(len(rows), 1)
-        refining = self.cfg.generation.refine_steps > 0
-        for r in rows:
-            pixels = r.pop("ref_pixels", None)
             # refining: the generation stage refines the LoRA on the reference (it holds the DiT)
-            refine = refining and pixels is not None and refined(r["ref_weights"], r["source_lora_uri"], r["lora_strength"])
-            r["refine_pixels"] = pixels[0] if refine else b""
+            r["_refine"] = refining and r["status"] == "pending" and refined(
+                r["ref_weights"], r["source_lora_uri"], r["lora_strength"])
+        new, latents = self._predict(rows, {r["ref_hashes"][0] for r in rows if r["_refine"]})
+        elapsed = (time.perf_counter() - start) / max(len(rows), 1)
+        i2v = self.predictor.backbone.is_i2v
+        for r in rows:
+            pixels = r.pop("ref_pixels")
+            lat = latents.get(r["ref_hashes"][0]) if r.pop("_refine") and r["status"] == "pending" else None
+            # what refinement reads: the reference's latents (float32), and its first frame for an i2v backbone
+            r["refine_latents"] = b"" if lat is None else lat.float().cpu().numpy().tobytes()
+            r["refine_latent_shape"] = "" if lat is None else ",".join(map(str, lat.shape))
+            r["refine_first_frame"] = (np.frombuffer(pixels[0], np.uint8).reshape(self.ref_shape)[:, 0].tobytes()
+                                       if lat is not None and i2v else b"")
             pending = r["status"] == "pending" and bool(r["ref_hashes"])
             # a hit: every reference of the row was predicted before (an earlier batch, or an earlier row of this one)
             hit = pending and not any(h in new for h in r["ref_hashes"])
@@ -209,7 +224,7 @@ class GenerateStage:
         weight 1, strength not 0: `manifest.refined`; mixes were refused when planned), each distinct reference and
         caption once; the rows of a refinement that fails fail, the others go on."""
         g = self.cfg.generation
-        rows = [r for r in rows if r["status"] == "pending" and r.get("refine_pixels")]  # the rows it refines
+        rows = [r for r in rows if r["status"] == "pending" and r.get("refine_latents")]  # the rows it refines
         todo: dict[tuple, dict] = {}
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
@@ -222,8 +237,12 @@ class GenerateStage:
         for key, r in todo.items():
             start = time.perf_counter()
             try:
-                ref = uint8_to_frames(r["refine_pixels"], (3, g.num_frames, g.height, g.width))
-                self.refined_loras[key] = self.generator.refine_loras([r["_lora"]], [ref], [r["reference_prompt"]])[0]
+                shape = tuple(int(x) for x in r["refine_latent_shape"].split(","))
+                latents = torch.from_numpy(np.frombuffer(r["refine_latents"], np.float32).reshape(shape).copy())
+                frame = (uint8_to_frames(r["refine_first_frame"], (3, g.height, g.width))
+                         if r.get("refine_first_frame") else None)
+                self.refined_loras[key] = self.generator.refine_loras_from_latents(
+                    [r["_lora"]], [latents], [frame], [r["reference_prompt"]])[0]
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
                 for other in rows:
@@ -304,7 +323,8 @@ class GenerateStage:
         for key, group in groups.items():
             self._run_group(group, key)
         for r in rows:
-            for k in ("lora_a", "lora_b", "image_pixels", "lora_file", "_lora", "source_lora_uri", "refine_pixels"):
+            for k in ("lora_a", "lora_b", "image_pixels", "lora_file", "_lora", "source_lora_uri", "refine_latents",
+                      "refine_latent_shape", "refine_first_frame"):
                 r.pop(k, None)
         return pd.DataFrame(rows)
 

@@ -193,6 +193,47 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     assert refinement > 4 * error, (error, refinement)  # the refined video, not the prediction's
 
 
+def test_refining_stages_ship_the_reference_latents_once_encoded(ray_local, tiny_i2v_backbone_dir, clips, tmp_path):
+    """Refining, the hypernetwork stage encodes each reference once and ships its latents (and an image-to-video
+    backbone's first frame), not its pixels; the generation stage refines on them into the library's refined LoRA.
+    A reference whose LoRA is already cached is still shipped encoded, for the rows that refine it."""
+    from pipelines.stages import GenerateStage, HypernetStage, fetch_and_decode
+    from video2lora.generate import Video2LoRAGenerator
+
+    _, refs = clips
+    ckpt = save_model_for(tiny_i2v_backbone_dir, str(tmp_path / "ckpt"))
+    generation = GenerationConfig(**GEN, step_cache="none", refine_steps=3, refine_lr=1e-2)
+    cfg = config(tiny_i2v_backbone_dir, ckpt, tmp_path / "out", generation=generation, hyper_batch_size=1)
+    rows = [dict(GEN, sample_id=f"s{i}", reference_uris=[refs[i]], reference_weights=[1.0], reference_prompt=caption,
+                 prompt="a cat", negative_prompt="", seed=i, lora_strength=1.0, lora_uri="", image_uri="")
+            for i, caption in enumerate(["a red circle", "a blue square"])]  # rows as the job plans them
+    hyper, gen = HypernetStage(tiny_i2v_backbone_dir, ckpt, cfg), GenerateStage(tiny_i2v_backbone_dir, ckpt, cfg)
+    fetched = fetch_and_decode(pd.DataFrame(rows), cfg)
+    hyper(fetched.iloc[:1])  # the first reference's LoRA is cached before the batch that refines it
+    shipped = hyper(fetched).to_dict("records")
+    assert [r["lora_cache_hit"] for r in shipped] == [True, False]
+    assert not {"ref_pixels", "refine_pixels"} & set(shipped[0])
+    library = Video2LoRAGenerator.from_pretrained(tiny_i2v_backbone_dir, ckpt, generation, device="cpu")
+    for r, uri in zip(shipped, refs):
+        ref = read_video(uri, 9, 32, 32)
+        ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline decodes references to uint8
+        latents = library.backbone.encode_video(ref[None])[0]
+        assert r["refine_latent_shape"] == ",".join(map(str, latents.shape))
+        assert torch.equal(torch.frombuffer(bytearray(r["refine_latents"]), dtype=torch.float32).reshape(latents.shape),
+                           latents)
+        assert len(r["refine_latents"]) < len(fetched.loc[0, "ref_pixels"][0]) / 8  # the payload is the latents
+        first = torch.frombuffer(bytearray(r["refine_first_frame"]), dtype=torch.uint8).reshape(3, 32, 32)
+        assert torch.equal(first.float() / 127.5 - 1, ref[:, 0])
+        r["_lora"] = gen._lora(r)
+        expected = library.refine_loras(library.predict_loras([ref]), [ref], [r["reference_prompt"]])[0]
+        gen._refine([r])
+        assert r["t_refine_s"] > 0
+        torch.testing.assert_close(r["_lora"].a_pred, expected.a_pred, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r["_lora"].b_pred, expected.b_pred, rtol=0, atol=1e-6)
+    plain = hyper.__class__(tiny_i2v_backbone_dir, ckpt, config(tiny_i2v_backbone_dir, ckpt, tmp_path / "o2"))
+    assert all(r["refine_latents"] == b"" for r in plain(fetched).to_dict("records"))  # not refining: nothing shipped
+
+
 def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):
     """...and the driver reads the checkpoint's weights once per job (check_artifacts hands their identity to the
     row fingerprints), whether every row, some or none is left to do."""

@@ -127,27 +127,41 @@ class Video2LoRAGenerator:
                      reference_prompts: list[str] | None = None) -> list[PredictedLoRA]:
         """Each predicted LoRA refined on its own reference clip (3, F, H, W) in [-1, 1] and caption (""
         for none) for config.refine_steps steps (video2lora/refine.py); unchanged with refine_steps = 0."""
+        if self.config.refine_steps == 0:
+            return list(loras)
+        bb = self.backbone
+        with torch.no_grad():  # as the hypernetwork stage encodes it
+            latents = [encode_references(bb, ref[None].to(bb.device, bb.dtype))[0] for ref in references]
+        return self.refine_loras_from_latents(loras, latents, [ref[:, 0] for ref in references], reference_prompts)
+
+    def refine_loras_from_latents(self, loras: list[PredictedLoRA], latents: list[torch.Tensor],
+                                  first_frames: list[torch.Tensor | None], reference_prompts: list[str] | None = None
+                                  ) -> list[PredictedLoRA]:
+        """`refine_loras` on references already VAE-encoded (C, f, h, w), as the hypernetwork stage ships them;
+        an image-to-video backbone also needs each reference's first frame (3, H, W) in [-1, 1]."""
         c, bb = self.config, self.backbone
         if c.refine_steps == 0:
             return list(loras)
         if self.model is None:
             raise ValueError("no checkpoint loaded: refining needs the checkpoint's aux matrices")
-        prompts = reference_prompts or [""] * len(references)
-        if not len(loras) == len(references) == len(prompts):
-            raise ValueError(f"{len(loras)} LoRAs, {len(references)} references, {len(prompts)} prompts: one each")
+        prompts = reference_prompts or [""] * len(latents)
+        if not len(loras) == len(latents) == len(first_frames) == len(prompts):
+            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references, {len(first_frames)} first frames, "
+                             f"{len(prompts)} prompts: one each")
         self.step_cost.clear_cache()  # a step cache would skip blocks of the training forward
         out = []
         with torch.no_grad():
             empty = bb.encode_prompts([""])
-        for lora, ref, prompt in zip(loras, references, prompts):
+        for lora, lat, frame, prompt in zip(loras, latents, first_frames, prompts):
             if not isinstance(lora, PredictedLoRA):
                 raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
+            if bb.is_i2v and frame is None:
+                raise ValueError("refine: the image-to-video backbone needs each reference's first frame")
             with torch.no_grad():
-                pixels = ref[None].to(bb.device, bb.dtype)
-                latents = encode_references(bb, pixels)  # as the hypernetwork stage encodes it
+                lat = lat[None].to(bb.device, bb.dtype)
                 embeds = bb.encode_prompts([prompt])
-                images = bb.encode_first_frames(pixels[:, :, 0], latents.shape[2]) if bb.is_i2v else None
-            refined, _ = refine_lora(self.model, bb, self.layer_names, lora, latents, embeds, empty, images,
+                images = bb.encode_first_frames(frame[None].to(bb.device, bb.dtype), lat.shape[2]) if bb.is_i2v else None
+            refined, _ = refine_lora(self.model, bb, self.layer_names, lora, lat, embeds, empty, images,
                                      steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
             out.append(refined)
         return out

@@ -75,19 +75,36 @@ def encode_references(backbone, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
-    """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
+def predict_from_latents(hypernet, latents: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+    """Reference latents (C, f, h, w) -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
+    out = []
+    param = next(hypernet.parameters())
+    for i in range(0, len(latents), batch_size):
+        chunk = latents[i : i + batch_size]
+        shapes = {tuple(l.shape) for l in chunk}
+        if len(shapes) != 1:
+            raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+        a, b = hypernet(torch.stack(chunk).to(param.device, param.dtype))
+        out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
+    return out
+
+
+@torch.no_grad()
+def encode_reference_list(backbone, references: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
+    """Reference clips (3, F, H, W) in [-1, 1] -> their latents (C, f, h, w), `batch_size` clips a VAE call."""
     out = []
     for i in range(0, len(references), batch_size):
         chunk = references[i : i + batch_size]
         shapes = {tuple(r.shape) for r in chunk}
         if len(shapes) != 1:
             raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
-        latents = encode_references(backbone, torch.stack(chunk))
-        param = next(hypernet.parameters())
-        a, b = hypernet(latents.to(param.device, param.dtype))
-        out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
+        out += list(encode_references(backbone, torch.stack(chunk)))
     return out
+
+
+def predict_loras(backbone, hypernet, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+    """Reference clips (3, F, H, W) in [-1, 1] -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
+    return predict_from_latents(hypernet, encode_reference_list(backbone, references, batch_size), batch_size)
 
 
 class LoRAPredictor:
@@ -118,3 +135,10 @@ class LoRAPredictor:
 
     def predict_loras(self, references: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
         return predict_loras(self.backbone, self.hypernet, references, batch_size)
+
+    def encode(self, references: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
+        """Reference clips -> their VAE latents, which `predict_from_latents` reads (and refinement, downstream)."""
+        return encode_reference_list(self.backbone, references, batch_size)
+
+    def predict_from_latents(self, latents: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
+        return predict_from_latents(self.hypernet, latents, batch_size)
