@@ -14,7 +14,7 @@ from .config import GenerationConfig, InputError, LoRAConfig, Video2LoRAConfig
 from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .export import ExportedLoRA
-from .predict import PredictedLoRA, encode_references, predict_loras
+from .predict import PredictedLoRA, encode_reference_list, predict_loras
 from .refine import refine_lora
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ class Video2LoRAGenerator:
         if self.config.refine_steps == 0:
             return list(loras)
         bb = self.backbone
-        with torch.no_grad():  # as the hypernetwork stage encodes it
-            latents = [encode_references(bb, ref[None].to(bb.device, bb.dtype))[0] for ref in references]
+        # the hypernetwork stage's encoding of a reference (predict.encode_reference_list), one per VAE call
+        latents = encode_reference_list(bb, [ref.to(bb.device, bb.dtype) for ref in references], batch_size=1)
         return self.refine_loras_from_latents(loras, latents, [ref[:, 0] for ref in references], reference_prompts)
 
     def refine_loras_from_latents(self, loras: list[PredictedLoRA], latents: list[torch.Tensor],

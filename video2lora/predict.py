@@ -74,16 +74,22 @@ def encode_references(backbone, pixels: torch.Tensor) -> torch.Tensor:
         backbone.enable_vae_tiling(was_tiled)
 
 
+def same_shape_batches(tensors: list[torch.Tensor], batch_size: int):
+    """`batch_size` tensors at a time, each batch one shape (they are stacked)."""
+    for i in range(0, len(tensors), batch_size):
+        chunk = tensors[i : i + batch_size]
+        shapes = {tuple(t.shape) for t in chunk}
+        if len(shapes) != 1:
+            raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+        yield chunk
+
+
 @torch.no_grad()
 def predict_from_latents(hypernet, latents: list[torch.Tensor], batch_size: int = 8) -> list[PredictedLoRA]:
     """Reference latents (C, f, h, w) -> one PredictedLoRA each (fp32, on CPU), `batch_size` at a time."""
     out = []
     param = next(hypernet.parameters())
-    for i in range(0, len(latents), batch_size):
-        chunk = latents[i : i + batch_size]
-        shapes = {tuple(l.shape) for l in chunk}
-        if len(shapes) != 1:
-            raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+    for chunk in same_shape_batches(latents, batch_size):
         a, b = hypernet(torch.stack(chunk).to(param.device, param.dtype))
         out += [PredictedLoRA(a[j].float().cpu(), b[j].float().cpu()) for j in range(len(chunk))]
     return out
@@ -93,11 +99,7 @@ def predict_from_latents(hypernet, latents: list[torch.Tensor], batch_size: int 
 def encode_reference_list(backbone, references: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
     """Reference clips (3, F, H, W) in [-1, 1] -> their latents (C, f, h, w), `batch_size` clips a VAE call."""
     out = []
-    for i in range(0, len(references), batch_size):
-        chunk = references[i : i + batch_size]
-        shapes = {tuple(r.shape) for r in chunk}
-        if len(shapes) != 1:
-            raise ValueError(f"references in one batch must share a shape, got {sorted(shapes)}")
+    for chunk in same_shape_batches(references, batch_size):
         out += list(encode_references(backbone, torch.stack(chunk)))
     return out
 
