@@ -161,7 +161,7 @@ class Video2LoRAGenerator:
                 lat = lat[None].to(bb.device, bb.dtype)
                 embeds = bb.encode_prompts([prompt])
                 images = bb.encode_first_frames(frame[None].to(bb.device, bb.dtype), lat.shape[2]) if bb.is_i2v else None
-            refined, _ = refine_lora(self.model, bb, self.layer_names, lora, lat, embeds, empty, images,
+            refined, _ = refine_lora(self.model, bb, lora, lat, embeds, empty, images,
                                      steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
             out.append(refined)
         return out

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from .lightlora import LayerLoRA, per_sample_loras
 from .predict import PredictedLoRA
-from .training.loss import ACTIVATION_CHECKPOINTING_ABOVE, prompt_dropout
+from .training.loss import ACTIVATION_CHECKPOINTING_ABOVE, batch_loss, prompt_dropout
 
 
-def refine_lora(model, backbone, layer_names: list[str], lora: PredictedLoRA, latents: torch.Tensor,
+def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
                 prompt_embeds: torch.Tensor, empty_prompt: torch.Tensor, image_latents: torch.Tensor | None = None,
                 steps: int = 40, lr: float = 3e-3, draws: int = 2, seed: int = 0,
                 prompt_dropout_p: float = 0.1) -> tuple[PredictedLoRA, list[float]]:
     """One reference: `lora` refined for `steps` Adam steps on the reference's latents (1, C, f, h, w) with its
-    caption's embedding (1, T, D) (dropped for `empty_prompt` at the training rate, as in training). The LightLoRA
-    layers `layer_names` must be injected in `backbone.transformer`. Returns the refined LoRA and the loss of
+    caption's embedding (1, T, D) (dropped for `empty_prompt` at the training rate, as in training). The model's
+    LightLoRA layers must be injected in `backbone.transformer`. Returns the refined LoRA and the loss of
     every step."""
     if steps < 0 or draws < 1 or lr <= 0:
         raise ValueError(f"refine: steps={steps}, draws={draws}, lr={lr}: need steps >= 0, draws >= 1, lr > 0")
@@ -38,7 +37,6 @@ def refine_lora(model, backbone, layer_names: list[str], lora: PredictedLoRA, la
     rows = torch.zeros(draws, dtype=torch.long)
     latents, prompt_embeds = latents.to(device, dtype)[rows], prompt_embeds.to(device, dtype)[rows]
     images = None if image_latents is None else image_latents.to(device, dtype)[rows]
-    strengths = torch.ones(draws, device=device)
     losses = []
     # the DiT's activations for the backward pass: checkpointed above the size the training job checkpoints at
     checkpointing = backbone.transformer.gradient_checkpointing
@@ -48,10 +46,8 @@ def refine_lora(model, backbone, layer_names: list[str], lora: PredictedLoRA, la
             for step in range(steps):
                 g = torch.Generator().manual_seed(seed * 100_003 + step)  # this reference's draws, nobody else's
                 embeds, _ = prompt_dropout(prompt_embeds, empty_prompt, prompt_dropout_p, g)
-                layers = model.materialize(a[rows], b[rows])
-                layers = [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in layers]
-                with per_sample_loras(backbone.transformer, layer_names, layers, strengths):
-                    loss = backbone.training_loss(latents, embeds, images, generator=g).float().mean()
+                batch = {"latents": latents, "prompt_embeds": embeds, "image_latents": images}
+                loss = batch_loss(model, backbone, batch, g, model.materialize(a[rows], b[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import storage
-from ..lightlora import inject_lightlora, per_sample_loras
+from ..lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .data import PreparedData, collate, draw_pairs, step_seed
 
 
@@ -30,15 +30,17 @@ def training_step(model, backbone, batch: dict, generator: torch.Generator) -> t
 
 
 def batch_loss(model, backbone, batch: dict, generator: torch.Generator, loras=None) -> torch.Tensor:
-    """Mean diffusion loss of a batch with one LoRA per row (`model.materialize` output), or bare with None."""
-    device = backbone.device
+    """Mean diffusion loss (float32) of a batch with one LoRA per row (`model.materialize` output, cast to the
+    backbone's dtype: refinement keeps its factors in float32 over a bf16 backbone), or bare with None."""
+    device, dtype = backbone.device, backbone.dtype
     image = batch.get("image_latents")
     args = (batch["latents"].to(device), batch["prompt_embeds"].to(device), None if image is None else image.to(device))
     if loras is None:
-        return backbone.training_loss(*args, generator=generator).mean()
+        return backbone.training_loss(*args, generator=generator).float().mean()
+    loras = [LayerLoRA(l.down.to(dtype), l.up.to(dtype)) for l in loras]
     strengths = torch.ones(len(batch["latents"]), device=device)
     with per_sample_loras(backbone.transformer, model.layer_names, loras, strengths):
-        return backbone.training_loss(*args, generator=generator).mean()
+        return backbone.training_loss(*args, generator=generator).float().mean()
 
 
 ACTIVATION_CHECKPOINTING_ABOVE = 1_000_000_000  # DiT parameters; CogVideoX-5b: 5.6 B, the small presets: < 20 M
