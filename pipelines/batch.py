@@ -84,7 +84,7 @@ def write_results(output: str, results: dict[str, dict]) -> str:
     import io
 
     df = pd.DataFrame(list(results.values()), columns=RESULT_COLUMNS)
-    for c in ("t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s"):
+    for c in ("reference_fit", "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s"):
         df[c] = df[c].astype("float64")
     df["lora_cache_hit"] = df["lora_cache_hit"].astype("boolean")
     buf = io.BytesIO()

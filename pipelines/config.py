@@ -98,10 +98,18 @@ def add_refine_args(p) -> None:
     p.add_argument("--refine-lr", type=float, default=g.refine_lr, help=f"refinement learning rate (default {g.refine_lr})")
     p.add_argument("--refine-draws", type=int, default=g.refine_draws,
                    help=f"noised copies of the reference per refinement step (default {g.refine_draws})")
+    p.add_argument("--refine-steps-unfamiliar", type=_steps_or_off, default=None, metavar="N|off",
+                   help="refine instead for N steps the references whose predicted LoRA fits them worse than no LoRA "
+                        "(a kind of effect the hypernetwork likely never saw; README) (default off: --refine-steps)")
+
+
+def _steps_or_off(value: str) -> int | None:
+    return None if value.strip().lower() in ("off", "none", "") else int(value)
 
 
 def refine_overrides(a) -> dict:
-    return {"refine_steps": a.refine_steps, "refine_lr": a.refine_lr, "refine_draws": a.refine_draws}
+    return {"refine_steps": a.refine_steps, "refine_lr": a.refine_lr, "refine_draws": a.refine_draws,
+            "refine_steps_unfamiliar": a.refine_steps_unfamiliar}
 
 
 def _auto(kind):

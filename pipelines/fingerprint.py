@@ -65,7 +65,8 @@ def job_signature(cfg, checkpoint_id: str | None = None) -> dict:
             "reference_size": [int(g.num_frames), int(g.height), int(g.width)],  # references are decoded at it
             "step_cache": cache_signature(g),
             # refinement (GenerationConfig.refine_*) only when on: jobs without it keep their fingerprints
-            **({"refine": [int(g.refine_steps), float(g.refine_lr), int(g.refine_draws), int(g.seed)]}
+            **({"refine": [int(g.refine_steps), float(g.refine_lr), int(g.refine_draws), int(g.seed)]
+                + ([] if g.refine_steps_unfamiliar is None else [int(g.refine_steps_unfamiliar)])}
                if g.refine_steps else {})}
 
 

@@ -29,7 +29,7 @@ from video2lora.storage import content_hash, join, read_bytes, safe_child, write
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
-                  "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
+                  "reference_fit", "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
 # rows that share these settings are generated in one batch; the names are Video2LoRAGenerator.generate's arguments
 GROUP_KEY = ("num_frames", "height", "width", "steps", "guidance_scale")
 LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by reference hash
@@ -208,7 +208,8 @@ class GenerateStage:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at the default size: the rows calibrate as they come
             logger.warning("step-cache warm-up failed (%s); the first rows calibrate instead", error_text(e))
         self.cfg = cfg
-        self.refined_loras: OrderedDict[tuple, PredictedLoRA] = OrderedDict()  # (reference hash, caption) -> refined LoRA
+        # (reference hash, caption) -> its refined LoRA, and its predicted LoRA's fit (NaN: not measured)
+        self.refined_loras: OrderedDict[tuple, tuple[PredictedLoRA, float]] = OrderedDict()
         self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
                        f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
@@ -222,7 +223,8 @@ class GenerateStage:
     def _refine(self, rows: list[dict]) -> None:
         """Refine the predicted LoRA of each row the hypernetwork stage passed a reference for (one reference at
         weight 1, strength not 0: `manifest.refined`; mixes were refused when planned), each distinct reference and
-        caption once; the rows of a refinement that fails fail, the others go on."""
+        caption once; the rows of a refinement that fails fail, the others go on. With refine_steps_unfamiliar set,
+        each reference's fit is measured first, picks its steps, and is recorded in `reference_fit`."""
         g = self.cfg.generation
         rows = [r for r in rows if r["status"] == "pending" and r.get("refine_latents")]  # the rows it refines
         todo: dict[tuple, dict] = {}
@@ -241,8 +243,11 @@ class GenerateStage:
                 latents = torch.from_numpy(np.frombuffer(r["refine_latents"], np.float32).reshape(shape).copy())
                 frame = (uint8_to_frames(r["refine_first_frame"], (3, g.height, g.width))
                          if r.get("refine_first_frame") else None)
-                self.refined_loras[key] = self.generator.refine_loras_from_latents(
-                    [r["_lora"]], [latents], [frame], [r["reference_prompt"]])[0]
+                args = [r["_lora"]], [latents], [frame], [r["reference_prompt"]]
+                fits = (self.generator.reference_fits_from_latents(*args)
+                        if g.refine_steps_unfamiliar is not None else [float("nan")])
+                lora = self.generator.refine_loras_from_latents(*args, fits=fits)[0]
+                self.refined_loras[key] = lora, fits[0]
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
                 for other in rows:
@@ -251,7 +256,7 @@ class GenerateStage:
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
             if r["status"] == "pending" and key in self.refined_loras:
-                r["_lora"] = self.refined_loras[key]
+                r["_lora"], r["reference_fit"] = self.refined_loras[key]
                 self.refined_loras.move_to_end(key)
         while len(self.refined_loras) > LORA_CACHE_SIZE:
             self.refined_loras.popitem(last=False)
@@ -302,7 +307,8 @@ class GenerateStage:
         rows = batch.to_dict("records")
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
-            r.update(video=b"", video_shape="", t_refine_s=0.0, t_generate_s=0.0, gen_worker=self.worker)
+            r.update(video=b"", video_shape="", t_refine_s=0.0, t_generate_s=0.0, gen_worker=self.worker,
+                     reference_fit=float("nan"))
             if r["status"] != "pending":
                 continue
             try:

@@ -173,6 +173,7 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     assert set(res.index[res.status == "skipped"]) == {"bare", "mix"}  # kept: refinement would not change them
     assert "refine_steps" in res.loc["new_mix", "error"] and "reference_uris" in res.loc["new_mix", "error"]
     assert (res.loc[["a", "b"], "t_refine_s"] > 0).sum() == 1  # one refinement for the two rows
+    assert res["reference_fit"].isna().all()  # measured only with --refine-steps-unfamiliar
     ref = read_video(refs[0], 9, 32, 32)
     ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline ships references between stages as uint8
     gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
@@ -232,6 +233,40 @@ def test_refining_stages_ship_the_reference_latents_once_encoded(ray_local, tiny
         torch.testing.assert_close(r["_lora"].b_pred, expected.b_pred, rtol=0, atol=1e-6)
     plain = hyper.__class__(tiny_i2v_backbone_dir, ckpt, config(tiny_i2v_backbone_dir, ckpt, tmp_path / "o2"))
     assert all(r["refine_latents"] == b"" for r in plain(fetched).to_dict("records"))  # not refining: nothing shipped
+
+
+def test_refining_stage_measures_each_reference_fit_and_refines_for_the_steps_it_picks(
+        ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+    """--refine-steps-unfamiliar: the generation stage measures the fit of each refined reference's predicted LoRA,
+    records it in `reference_fit` (also on a row that reuses the refinement) and refines for the steps the fit picks,
+    as the library does."""
+    from pipelines.stages import GenerateStage, HypernetStage, fetch_and_decode
+    from video2lora.generate import Video2LoRAGenerator
+
+    _, refs = clips
+    generation = GenerationConfig(**GEN, step_cache="none", refine_steps=2, refine_lr=1e-2, refine_steps_unfamiliar=4)
+    cfg = config(tiny_backbone_dir, checkpoint, tmp_path / "out", generation=generation, hyper_batch_size=1)
+    rows = [dict(GEN, sample_id=f"s{i}", reference_uris=[refs[i % 2]], reference_weights=[1.0],
+                 reference_prompt="a red circle", prompt="a cat", negative_prompt="", seed=i, lora_strength=1.0,
+                 lora_uri="", image_uri="") for i in range(3)]  # s0 and s2 share their reference
+    hyper, gen = HypernetStage(tiny_backbone_dir, checkpoint, cfg), GenerateStage(tiny_backbone_dir, checkpoint, cfg)
+    shipped = hyper(fetch_and_decode(pd.DataFrame(rows), cfg)).to_dict("records")
+    for r in shipped:
+        r.update(_lora=gen._lora(r), t_refine_s=0.0)
+    gen._refine(shipped)
+    library = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
+    for r, uri in zip(shipped[:2], refs[:2]):
+        ref = read_video(uri, 9, 32, 32)
+        ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline decodes references to uint8
+        args = library.predict_loras([ref]), [library.backbone.encode_video(ref[None])[0]], [ref[:, 0]], ["a red circle"]
+        fit = library.reference_fits_from_latents(*args)[0]
+        assert r["reference_fit"] == pytest.approx(fit, abs=1e-5)
+        expected = library.refine_loras_from_latents(*args, fits=[fit])[0]
+        torch.testing.assert_close(r["_lora"].a_pred, expected.a_pred, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r["_lora"].b_pred, expected.b_pred, rtol=0, atol=1e-6)
+    assert shipped[0]["reference_fit"] < 1 < shipped[1]["reference_fit"]  # both step counts are exercised
+    assert shipped[2]["t_refine_s"] == 0 and shipped[2]["reference_fit"] == shipped[0]["reference_fit"]
+    assert shipped[2]["_lora"] is shipped[0]["_lora"]
 
 
 def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):

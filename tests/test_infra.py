@@ -648,6 +648,7 @@ def test_entrypoints_parse(rendered, values):
         "--compile-blocks": values["COMPILE_BLOCKS"],
         "--fuse-qkv": values["FUSE_QKV"],
         "--refine-steps": str(values["REFINE_STEPS"]),
+        "--refine-steps-unfamiliar": values["REFINE_STEPS_UNFAMILIAR"],
     }
     # the job's own parser takes the rendered arguments (a YAML scalar such as off must not turn into false)
     from jobs.batch_generate import parse_args
@@ -663,6 +664,7 @@ def test_entrypoints_parse(rendered, values):
     shipped = GenerationConfig()  # the values' per-run default is the library's measured default
     assert values["STEP_CACHE"] == shipped.step_cache
     assert parse_args(argv[2:]).refine_steps == values["REFINE_STEPS"] == shipped.refine_steps
+    assert parse_args(argv[2:]).refine_steps_unfamiliar is shipped.refine_steps_unfamiliar is None
     assert step_options(dataclasses.replace(shipped, **got)) == step_options(shipped)
     first_block = parse_args(argv[2:] + ["--step-cache", "first_block"])  # another cache: its own measured setting
     assert step_options(dataclasses.replace(shipped, **step_cost_overrides(first_block)))[2] == 0.4

@@ -106,6 +106,61 @@ def test_refinement_runs_without_the_step_cache(tiny_backbone_dir):
     torch.testing.assert_close(results[0].b_pred, results[1].b_pred, atol=1e-6, rtol=0)
 
 
+def scaled(lora, k):
+    from video2lora.predict import PredictedLoRA
+
+    return PredictedLoRA(lora.a_pred * k, lora.b_pred * k)
+
+
+def reference_inputs(gen, ref):
+    lat = gen.backbone.encode_video(ref[None], generator=None)[0]
+    return [lat], [ref[:, 0]]
+
+
+def test_reference_fit_is_one_without_a_lora_below_it_once_refined_and_above_it_for_a_wrong_lora(generator):
+    """The fit of a LoRA on its own reference: exactly 1 when the LoRA adds nothing, lower for the LoRA refined on
+    that reference, above 1 for a LoRA that pushes the backbone away from it; the same on every call."""
+    ref, prompt = random_clips(1, seed=26)[0], "a red circle"
+    predicted = generator.predict_loras([ref])[0]
+    latents, frames = reference_inputs(generator, ref)
+    fit = lambda lora: generator.reference_fits_from_latents([lora], latents, frames, [prompt])[0]  # noqa: E731
+    assert fit(scaled(predicted, 0.0)) == pytest.approx(1.0, abs=1e-6)
+    refined = generator.refine_loras([predicted], [ref], [prompt])[0]
+    assert fit(refined) < fit(predicted) and fit(refined) < 1.0
+    assert fit(scaled(predicted, 40.0)) > 1.01  # the tiny DiT saturates near 1.02
+    assert fit(predicted) == fit(predicted)
+
+
+def test_unfamiliar_references_get_their_own_step_count(generator):
+    """refine_steps_unfamiliar: a reference whose LoRA fits it worse than no LoRA is refined for that many steps,
+    the others for refine_steps, each exactly as a generator with that one step count refines it."""
+    ref, prompt = random_clips(1, seed=27)[0], "a red circle"
+    predicted = generator.predict_loras([ref])[0]
+    familiar, unfamiliar = generator.refine_loras([predicted], [ref], [prompt])[0], scaled(predicted, 40.0)
+    adaptive = Video2LoRAGenerator(generator.backbone, generator.model,
+                                   dataclasses.replace(REFINE, refine_steps=3, refine_steps_unfamiliar=7))
+    latents, frames = reference_inputs(generator, ref)
+    fits = adaptive.reference_fits_from_latents([familiar, unfamiliar], latents * 2, frames * 2, [prompt] * 2)
+    assert fits[0] < 1 < fits[1]
+    got = adaptive.refine_loras([familiar, unfamiliar], [ref, ref], [prompt] * 2)
+    for lora, steps, out in ((familiar, 3, got[0]), (unfamiliar, 7, got[1])):
+        fixed = Video2LoRAGenerator(generator.backbone, generator.model, dataclasses.replace(REFINE, refine_steps=steps))
+        want = fixed.refine_loras([lora], [ref], [prompt])[0]
+        assert torch.equal(out.a_pred, want.a_pred) and torch.equal(out.b_pred, want.b_pred), steps
+    # fits handed in (the batch job's generation stage measures and records them) pick the steps the same way
+    given = adaptive.refine_loras_from_latents([familiar], latents, frames, [prompt], fits=[2.0])[0]
+    want = fixed.refine_loras([familiar], [ref], [prompt])[0]  # `fixed` refines for 7 steps
+    assert torch.equal(given.a_pred, want.a_pred) and torch.equal(given.b_pred, want.b_pred)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"refine_steps_unfamiliar": 160}, "refine_steps_unfamiliar"),
+                                          ({"refine_steps": 80, "refine_steps_unfamiliar": -1}, "refine_steps_unfamiliar"),
+                                          ({"refine_steps": 80, "refine_steps_unfamiliar": 1.5}, "refine_steps_unfamiliar")])
+def test_bad_unfamiliar_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GenerationConfig(**kwargs)
+
+
 @pytest.mark.parametrize("field,value", [("refine_steps", -1), ("refine_steps", 2.5), ("refine_draws", 0),
                                          ("refine_lr", 0.0), ("refine_lr", 5.0)])
 def test_bad_refine_settings_name_the_field(field, value):

@@ -15,7 +15,7 @@ from .hypernet import Video2LoRAModel
 from .lightlora import LayerLoRA, inject_lightlora, per_sample_loras
 from .export import ExportedLoRA
 from .predict import PredictedLoRA, encode_reference_list, predict_loras
-from .refine import refine_lora
+from .refine import UNFAMILIAR_ABOVE, reference_fit, refine_lora
 
 logger = logging.getLogger(__name__)
 
@@ -134,35 +134,73 @@ class Video2LoRAGenerator:
         latents = encode_reference_list(bb, [ref.to(bb.device, bb.dtype) for ref in references], batch_size=1)
         return self.refine_loras_from_latents(loras, latents, [ref[:, 0] for ref in references], reference_prompts)
 
-    def refine_loras_from_latents(self, loras: list[PredictedLoRA], latents: list[torch.Tensor],
-                                  first_frames: list[torch.Tensor | None], reference_prompts: list[str] | None = None
-                                  ) -> list[PredictedLoRA]:
-        """`refine_loras` on references already VAE-encoded (C, f, h, w), as the hypernetwork stage ships them;
-        an image-to-video backbone also needs each reference's first frame (3, H, W) in [-1, 1]."""
-        c, bb = self.config, self.backbone
-        if c.refine_steps == 0:
-            return list(loras)
-        if self.model is None:
-            raise ValueError("no checkpoint loaded: refining needs the checkpoint's aux matrices")
-        prompts = reference_prompts or [""] * len(latents)
-        if not len(loras) == len(latents) == len(first_frames) == len(prompts):
-            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references, {len(first_frames)} first frames, "
-                             f"{len(prompts)} prompts: one each")
-        self.step_cost.clear_cache()  # a step cache would skip blocks of the training forward
-        out = []
-        with torch.no_grad():
-            empty = bb.encode_prompts([""])
-        for lora, lat, frame, prompt in zip(loras, latents, first_frames, prompts):
-            if not isinstance(lora, PredictedLoRA):
-                raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
+    def _refine_inputs(self, latents: list[torch.Tensor], first_frames: list[torch.Tensor | None],
+                       prompts: list[str]):
+        """Per reference: its latents (1, C, f, h, w), caption embedding and, for an i2v backbone, image latents."""
+        bb = self.backbone
+        if not len(latents) == len(first_frames) == len(prompts):
+            raise ValueError(f"{len(latents)} references, {len(first_frames)} first frames, {len(prompts)} prompts: "
+                             "one each")
+        for lat, frame, prompt in zip(latents, first_frames, prompts):
             if bb.is_i2v and frame is None:
                 raise ValueError("refine: the image-to-video backbone needs each reference's first frame")
             with torch.no_grad():
                 lat = lat[None].to(bb.device, bb.dtype)
                 embeds = bb.encode_prompts([prompt])
                 images = bb.encode_first_frames(frame[None].to(bb.device, bb.dtype), lat.shape[2]) if bb.is_i2v else None
-            refined, _ = refine_lora(self.model, bb, lora, lat, embeds, empty, images,
-                                     steps=c.refine_steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
+            yield lat, embeds, images
+
+    def _check_refinable(self, loras) -> None:
+        if self.model is None:
+            raise ValueError("no checkpoint loaded: refining needs the checkpoint's aux matrices")
+        for lora in loras:
+            if not isinstance(lora, PredictedLoRA):
+                raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
+
+    def reference_fits_from_latents(self, loras: list[PredictedLoRA], latents: list[torch.Tensor],
+                                    first_frames: list[torch.Tensor | None], reference_prompts: list[str] | None = None
+                                    ) -> list[float]:
+        """Each LoRA's `refine.reference_fit` on its own reference (latents (C, f, h, w), first frame for an i2v
+        backbone, caption): above `refine.UNFAMILIAR_ABOVE` the reference is unfamiliar to the hypernetwork."""
+        self._check_refinable(loras)
+        self.step_cost.clear_cache()  # a step cache would skip blocks of the loss's forward
+        prompts = reference_prompts or [""] * len(latents)
+        inputs = self._refine_inputs(latents, first_frames, prompts)
+        return [reference_fit(self.model, self.backbone, lora, lat, embeds, images, seed=self.config.seed)
+                for lora, (lat, embeds, images) in zip(loras, inputs, strict=True)]
+
+    def refine_steps_for(self, fit: float | None) -> int:
+        """The steps a reference of this fit is refined for (GenerationConfig.refine_steps_unfamiliar)."""
+        c = self.config
+        if c.refine_steps_unfamiliar is None:
+            return c.refine_steps
+        if fit is None:
+            raise ValueError("refine_steps_unfamiliar is set: each reference's fit is needed")
+        return c.refine_steps_unfamiliar if fit > UNFAMILIAR_ABOVE else c.refine_steps
+
+    def refine_loras_from_latents(self, loras: list[PredictedLoRA], latents: list[torch.Tensor],
+                                  first_frames: list[torch.Tensor | None], reference_prompts: list[str] | None = None,
+                                  fits: list[float] | None = None) -> list[PredictedLoRA]:
+        """`refine_loras` on references already VAE-encoded (C, f, h, w), as the hypernetwork stage ships them;
+        an image-to-video backbone also needs each reference's first frame (3, H, W) in [-1, 1]. With
+        config.refine_steps_unfamiliar set, each reference's fit (`fits`, else computed here) picks its steps."""
+        c, bb = self.config, self.backbone
+        if c.refine_steps == 0:
+            return list(loras)
+        self._check_refinable(loras)
+        prompts = reference_prompts or [""] * len(latents)
+        if len(loras) != len(latents):
+            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references: one each")
+        if c.refine_steps_unfamiliar is not None and fits is None:
+            fits = self.reference_fits_from_latents(loras, latents, first_frames, prompts)
+        self.step_cost.clear_cache()  # a step cache would skip blocks of the training forward
+        with torch.no_grad():
+            empty = bb.encode_prompts([""])
+        out = []
+        for i, (lat, embeds, images) in enumerate(self._refine_inputs(latents, first_frames, prompts)):
+            steps = self.refine_steps_for(None if fits is None else fits[i])
+            refined, _ = refine_lora(self.model, bb, loras[i], lat, embeds, empty, images,
+                                     steps=steps, lr=c.refine_lr, draws=c.refine_draws, seed=c.seed)
             out.append(refined)
         return out
 

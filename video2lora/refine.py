@@ -17,6 +17,10 @@ import torch
 from .predict import PredictedLoRA
 from .training.loss import ACTIVATION_CHECKPOINTING_ABOVE, batch_loss, prompt_dropout
 
+# reference_fit above this: the LoRA fits its own reference worse than no LoRA (an unfamiliar reference). Chosen on
+# validation seed 101 among 0.8-1.3 (docs/measurements/unfamiliar_2026-12-07/)
+UNFAMILIAR_ABOVE = 1.0
+
 
 def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
                 prompt_embeds: torch.Tensor, empty_prompt: torch.Tensor, image_latents: torch.Tensor | None = None,
@@ -55,3 +59,21 @@ def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
     finally:
         backbone.enable_activation_checkpointing(checkpointing)
     return PredictedLoRA(a.detach()[0].cpu(), b.detach()[0].cpu()), losses
+
+
+@torch.no_grad()
+def reference_fit(model, backbone, lora: PredictedLoRA, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                  image_latents: torch.Tensor | None = None, draws: int = 8, seed: int = 0) -> float:
+    """How well `lora` explains its own reference: the reference's diffusion loss (latents (1, C, f, h, w), caption
+    embedding (1, T, D), no prompt dropout) with the LoRA, over the bare backbone's on the same `draws` timesteps and
+    noises. Below 1 the LoRA fits its reference better than no LoRA; the shipped hypernetwork's LoRAs for a kind of
+    effect it never saw score above 1 (docs/EFFECTS.md, "how far the prediction starts"). Costs 2 x `draws` DiT
+    forward passes."""
+    device, dtype = backbone.device, backbone.dtype
+    rows = torch.zeros(draws, dtype=torch.long)
+    batch = {"latents": latents.to(device, dtype)[rows], "prompt_embeds": prompt_embeds.to(device, dtype)[rows],
+             "image_latents": None if image_latents is None else image_latents.to(device, dtype)[rows]}
+    a, b = lora.a_pred.to(device, torch.float32)[None], lora.b_pred.to(device, torch.float32)[None]
+    fitted = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed), model.materialize(a[rows], b[rows]))
+    bare = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed))
+    return float(fitted / bare)
