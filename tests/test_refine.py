@@ -205,6 +205,11 @@ def test_job_signature_names_refinement_only_when_on():
 
     assert "refine" not in job_signature(BatchJobConfig(generation=GEN), checkpoint_id="c")
     assert job_signature(BatchJobConfig(generation=REFINE), checkpoint_id="c")["refine"][:2] == [12, 1e-2]
+    # the unfamiliar references' steps count when set; a job without them keeps the signature it had before
+    plain = job_signature(BatchJobConfig(generation=REFINE), checkpoint_id="c")["refine"]
+    assert len(plain) == 4
+    unfamiliar = dataclasses.replace(REFINE, refine_steps_unfamiliar=160)
+    assert job_signature(BatchJobConfig(generation=unfamiliar), checkpoint_id="c")["refine"] == plain + [160]
 
 
 def test_the_online_app_refuses_refinement():
