@@ -65,6 +65,27 @@ if os.path.exists(os.path.join(out, "burst303-k80", "results.json")):
           f"content {ms(np.subtract(c_rule, c_k80), 3)}; refined 80 steps alone: {acc(k80)}; "
           f"no-LoRA rows agreeing between the two runs: {same_bare:.2f}")
     runs["burst303-k80"] = fixed
+if os.path.exists(os.path.join(out, "comp303-zs", "results.json")):  # zero-shot, per-effect and no LoRA, same rows
+    res = json.load(open(os.path.join(out, "comp303-zs", "results.json")))
+    other = {}
+    for r in res["rows"]:
+        other.setdefault(r["name"], {})[r["method"]] = r
+    runs["comp303-zs"] = other
+    print("\n| compounds, seed 303 | seen | held-out |")
+    print("|---|---|---|")
+    rule = runs["comp303"]
+    split = lambda s: sorted(n for n in rule if rule[n]["video2lora"]["split"] == s)  # noqa: E731
+    ok = lambda rows, n, m: float(rows[n][m]["effect_ok"])  # noqa: E731
+    for label, rows, m in (("refined, the rule", rule, "video2lora"), ("zero-shot", other, "video2lora"),
+                           ("per-effect LoRA", other, "per_effect_lora"), ("no LoRA", other, "no_lora")):
+        print(f"| {label} | " + " | ".join(acc([ok(rows, n, m) for n in split(s)]) for s in ("seen", "held-out")) + " |")
+    for label, m in (("refined − zero-shot, paired", "video2lora"), ("refined − per-effect, paired", "per_effect_lora")):
+        print(f"| {label} | " + " | ".join(ms([ok(rule, n, "video2lora") - ok(other, n, m) for n in split(s)])
+                                            for s in ("seen", "held-out")) + " |")
+    print("| content, refined − no LoRA (same run) | " + " | ".join(
+        ms([rule[n]["video2lora"]["content"] - rule[n]["no_lora"]["content"] for n in split(s)], 3) for s in ("seen", "held-out")) + " |")
+    print("| content, zero-shot − no LoRA | " + " | ".join(
+        ms([other[n]["video2lora"]["content"] - other[n]["no_lora"]["content"] for n in split(s)], 3) for s in ("seen", "held-out")) + " |")
 keep = ("name", "effect", "split", "prompt", "reference_prompt", "seed", "pred_effect", "effect_ok", "motion_ok",
         "look_ok", "content")
 json.dump({run: {name: {"reference_fit": rs.get("fit"), "t_refine_s": rs.get("t_refine_s"),
