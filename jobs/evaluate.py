@@ -90,6 +90,9 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     # evaluation and are made again
     generation = dataclasses.asdict(resolved(cfg.generation))
     signed_rows = manifest
+    generation.pop("measure_reference_fit")  # measuring the fit changes no video
+    if generation["refine_steps_unfamiliar"] is None:  # the signature refined evaluations had before it existed
+        generation.pop("refine_steps_unfamiliar")
     if not cfg.generation.refine_steps:  # without refinement, the signature evaluations had before it existed
         generation = {k: v for k, v in generation.items() if not k.startswith("refine")}
         signed_rows = [{k: v for k, v in r.items() if k != "reference_prompt"} for r in manifest]

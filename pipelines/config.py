@@ -103,13 +103,19 @@ def add_refine_args(p) -> None:
                         "(a kind of effect the hypernetwork likely never saw; README) (default off: --refine-steps)")
 
 
+    p.add_argument("--measure-reference-fit", action="store_true",
+                   help="record each reference's fit (reference_fit: its own diffusion loss with its predicted LoRA "
+                        "over the bare backbone's; above 1, a kind of effect the hypernetwork likely never saw) "
+                        "without refining; 16 DiT forward passes per reference")
+
+
 def _steps_or_off(value: str) -> int | None:
     return None if value.strip().lower() in ("off", "none", "") else int(value)
 
 
 def refine_overrides(a) -> dict:
     return {"refine_steps": a.refine_steps, "refine_lr": a.refine_lr, "refine_draws": a.refine_draws,
-            "refine_steps_unfamiliar": a.refine_steps_unfamiliar}
+            "refine_steps_unfamiliar": a.refine_steps_unfamiliar, "measure_reference_fit": a.measure_reference_fit}
 
 
 def _auto(kind):
@@ -181,6 +187,9 @@ class ServeConfig:
         if self.generation.refine_steps:  # the predictor deployment does not pass references on to the generator
             raise ValueError("generation.refine_steps: the online app serves the hypernetwork's LoRAs as predicted; "
                              "refine in the batch job (jobs/batch_generate.py --refine-steps)")
+        if self.generation.measures_fit:
+            raise ValueError("generation.measure_reference_fit: the online app does not pass references on to the "
+                             "generator; measure fits in the batch job (jobs/batch_generate.py --measure-reference-fit)")
 
     def job_config(self) -> BatchJobConfig:
         """The batch job's settings the shared stages read (pipelines/stages.py)."""

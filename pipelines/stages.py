@@ -156,11 +156,11 @@ class HypernetStage:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         start = time.perf_counter()
         rows = batch.to_dict("records")
-        refining = self.cfg.generation.refine_steps > 0
+        refining = self.cfg.generation.reads_reference_latents  # refining, or measuring each reference's fit
         for r in rows:  # list columns arrive as arrays
             r["ref_hashes"], r["ref_weights"] = list(r["ref_hashes"]), [float(w) for w in r["ref_weights"]]
             r["ref_pixels"] = list(r["ref_pixels"])
-            # refining: the generation stage refines the LoRA on the reference (it holds the DiT)
+            # refining (or measuring the fit): the generation stage reads the reference (it holds the DiT)
             r["_refine"] = refining and r["status"] == "pending" and refined(
                 r["ref_weights"], r["source_lora_uri"], r["lora_strength"])
         new, latents = self._predict(rows, {r["ref_hashes"][0] for r in rows if r["_refine"]})
@@ -223,8 +223,10 @@ class GenerateStage:
     def _refine(self, rows: list[dict]) -> None:
         """Refine the predicted LoRA of each row the hypernetwork stage passed a reference for (one reference at
         weight 1, strength not 0: `manifest.refined`; mixes were refused when planned), each distinct reference and
-        caption once; the rows of a refinement that fails fail, the others go on. With refine_steps_unfamiliar set,
-        each reference's fit is measured first, picks its steps, and is recorded in `reference_fit`."""
+        caption once; the rows of a refinement that fails fail, the others go on. With refine_steps_unfamiliar set
+        (or measure_reference_fit), each reference's fit is measured first, picks its steps, and is recorded in
+        `reference_fit`; measuring alone (refine_steps 0) keeps the predicted LoRA, and a fit that fails is left
+        empty with a warning, the row going on."""
         g = self.cfg.generation
         rows = [r for r in rows if r["status"] == "pending" and r.get("refine_latents")]  # the rows it refines
         todo: dict[tuple, dict] = {}
@@ -233,7 +235,7 @@ class GenerateStage:
             if key not in self.refined_loras:
                 todo.setdefault(key, r)
         uncaptioned = sum(1 for _, caption in todo if not caption)
-        if uncaptioned:  # measured: without the reference's caption the LoRA learns its content (README)
+        if uncaptioned and g.refine_steps:  # measured: without the reference's caption the LoRA learns its content (README)
             logger.warning("refining %d reference(s) without a reference_prompt: refinement then gains little and "
                            "costs content fidelity; give each reference's caption", uncaptioned)
         for key, r in todo.items():
@@ -244,12 +246,15 @@ class GenerateStage:
                 frame = (uint8_to_frames(r["refine_first_frame"], (3, g.height, g.width))
                          if r.get("refine_first_frame") else None)
                 args = [r["_lora"]], [latents], [frame], [r["reference_prompt"]]
-                fits = (self.generator.reference_fits_from_latents(*args)
-                        if g.refine_steps_unfamiliar is not None else [float("nan")])
+                fits = self.generator.reference_fits_from_latents(*args) if g.measures_fit else [float("nan")]
                 lora = self.generator.refine_loras_from_latents(*args, fits=fits)[0]
                 self.refined_loras[key] = lora, fits[0]
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
+                if not g.refine_steps:  # a diagnostic only: the row is made without it
+                    logger.warning("reference %s: its fit could not be measured (%s)", key[0][:12], error_text(e))
+                    self.refined_loras[key] = r["_lora"], float("nan")
+                    continue
                 for other in rows:
                     if (other["reference_hash"], other["reference_prompt"]) == key:
                         _fail(other, e)
@@ -321,7 +326,7 @@ class GenerateStage:
             except Exception as e:  # noqa: BLE001 - a LoRA file whose keys or shapes do not fit: this row only
                 _fail(r, ValueError(f"lora_uri: {error_text(e)}") if r.get("lora_file") else e)
                 continue
-        if self.cfg.generation.refine_steps:
+        if self.cfg.generation.reads_reference_latents:
             self._refine([r for r in rows if "_lora" in r])
         for r in rows:
             if r["status"] == "pending" and "_lora" in r:

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -267,6 +268,45 @@ def test_refining_stage_measures_each_reference_fit_and_refines_for_the_steps_it
     assert shipped[0]["reference_fit"] < 1 < shipped[1]["reference_fit"]  # both step counts are exercised
     assert shipped[2]["t_refine_s"] == 0 and shipped[2]["reference_fit"] == shipped[0]["reference_fit"]
     assert shipped[2]["_lora"] is shipped[0]["_lora"]
+
+
+def test_a_zero_shot_job_can_measure_each_reference_fit_without_refining(
+        ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):
+    """--measure-reference-fit with --refine-steps 0: each single-reference row gets its reference's fit (the
+    library's, of the predicted LoRA) and keeps the predicted LoRA; a mix gets none. A fit that cannot be measured
+    is left empty and the row goes on."""
+    from pipelines.stages import GenerateStage, HypernetStage, fetch_and_decode
+    from video2lora.generate import Video2LoRAGenerator
+
+    _, refs = clips
+    generation = GenerationConfig(**GEN, step_cache="none", measure_reference_fit=True)
+    cfg = config(tiny_backbone_dir, checkpoint, tmp_path / "out", generation=generation, hyper_batch_size=1)
+    row = dict(GEN, reference_prompt="a red circle", prompt="a cat", negative_prompt="", lora_strength=1.0,
+               lora_uri="", image_uri="")
+    rows = [dict(row, sample_id="one", reference_uris=[refs[0]], reference_weights=[1.0], seed=1),
+            dict(row, sample_id="mix", reference_uris=refs[:2], reference_weights=[0.5, 0.5], seed=2)]
+    hyper, gen = HypernetStage(tiny_backbone_dir, checkpoint, cfg), GenerateStage(tiny_backbone_dir, checkpoint, cfg)
+    fetched = fetch_and_decode(pd.DataFrame(rows), cfg)
+    shipped = hyper(fetched).to_dict("records")
+    assert shipped[0]["refine_latents"] and not shipped[1]["refine_latents"]
+    made = gen(pd.DataFrame(shipped)).to_dict("records")
+    assert [r["status"] for r in made] == ["pending", "pending"] and made[0]["video"] and made[1]["video"]
+    library = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
+    ref = read_video(refs[0], 9, 32, 32)
+    ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline decodes references to uint8
+    predicted = library.predict_loras([ref])
+    fit = library.reference_fits_from_latents(predicted, [library.backbone.encode_video(ref[None])[0]], [ref[:, 0]],
+                                              ["a red circle"])[0]
+    assert made[0]["reference_fit"] == pytest.approx(fit, abs=1e-5) and np.isnan(made[1]["reference_fit"])
+    # the video is the predicted LoRA's: what a job without the fit makes
+    plain = GenerateStage(tiny_backbone_dir, checkpoint, config(tiny_backbone_dir, checkpoint, tmp_path / "o2",
+                                                                generation=GenerationConfig(**GEN, step_cache="none")))
+    assert plain(pd.DataFrame(shipped)).to_dict("records")[0]["video"] == made[0]["video"]
+    # a fit that fails is a warning, not a failed row
+    fresh = GenerateStage(tiny_backbone_dir, checkpoint, cfg)
+    monkeypatch.setattr(fresh.generator, "reference_fits_from_latents", lambda *a, **k: 1 / 0)
+    again = fresh(pd.DataFrame(shipped)).to_dict("records")
+    assert again[0]["status"] == "pending" and again[0]["video"] == made[0]["video"] and np.isnan(again[0]["reference_fit"])
 
 
 def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):

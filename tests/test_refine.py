@@ -155,7 +155,8 @@ def test_unfamiliar_references_get_their_own_step_count(generator):
 
 @pytest.mark.parametrize("kwargs,field", [({"refine_steps_unfamiliar": 160}, "refine_steps_unfamiliar"),
                                           ({"refine_steps": 80, "refine_steps_unfamiliar": -1}, "refine_steps_unfamiliar"),
-                                          ({"refine_steps": 80, "refine_steps_unfamiliar": 1.5}, "refine_steps_unfamiliar")])
+                                          ({"refine_steps": 80, "refine_steps_unfamiliar": 1.5}, "refine_steps_unfamiliar"),
+                                          ({"measure_reference_fit": "yes"}, "measure_reference_fit")])
 def test_bad_unfamiliar_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         GenerationConfig(**kwargs)
@@ -217,5 +218,7 @@ def test_the_online_app_refuses_refinement():
 
     with pytest.raises(ValueError, match="refine_steps"):
         ServeConfig(generation=REFINE)
+    with pytest.raises(ValueError, match="measure_reference_fit"):
+        ServeConfig(generation=dataclasses.replace(GEN, measure_reference_fit=True))
     with pytest.raises(ValueError, match="refine_steps"):
         ServeConfig.from_args({"generation": {"refine_steps": 4}})

@@ -127,6 +127,19 @@ class GenerationConfig:
     # refine.UNFAMILIAR_ABOVE; its kind of effect was likely never in training): None = refine_steps for every one.
     # Measured: a kind never seen gains from 160 steps, known kinds do not (docs/EFFECTS.md)
     refine_steps_unfamiliar: int | None = None
+    # measure each refinable reference's fit (refine.reference_fit, 16 DiT forward passes per reference) without
+    # refining it, for a zero-shot job to flag the references it likely does not know; on by itself with
+    # refine_steps_unfamiliar
+    measure_reference_fit: bool = False
+
+    @property
+    def reads_reference_latents(self) -> bool:
+        """Whether generation reads each reference's latents: to refine its LoRA, or to measure its fit."""
+        return bool(self.refine_steps) or self.measures_fit
+
+    @property
+    def measures_fit(self) -> bool:
+        return self.measure_reference_fit or self.refine_steps_unfamiliar is not None
 
     def __post_init__(self):
         steps, draws, lr = self.refine_steps, self.refine_draws, self.refine_lr
@@ -135,6 +148,8 @@ class GenerationConfig:
                 raise ValueError(f"{name}={n!r}: expected a whole number from 0 to 10000")
         if steps is None:
             raise ValueError("refine_steps=None: expected a whole number from 0 to 10000")
+        if not isinstance(self.measure_reference_fit, bool):
+            raise ValueError(f"measure_reference_fit={self.measure_reference_fit!r}: expected true or false")
         if self.refine_steps_unfamiliar is not None and not steps:
             raise ValueError(f"refine_steps_unfamiliar={self.refine_steps_unfamiliar}: it sets the steps of the "
                              "unfamiliar references of a refining job; set refine_steps > 0 too")

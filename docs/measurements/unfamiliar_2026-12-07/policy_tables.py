@@ -55,6 +55,15 @@ for seed in ("val101", "test202"):
     print(f"| {seed} | " + " | ".join(cells) + " |")
 
 
+print("\nA zero-shot job's flag (fit above 1), test seed 202, compounds and burst together:\n")
+rows = d["compound_test202"] + d["burst_test202"]
+for flagged in (True, False):
+    rs = [r for r in rows if (r["fit"] > 1) == flagged]
+    kinds = sum(r["effect"] == "burst" for r in rs)
+    print(f"- {'fit above 1' if flagged else 'fit at most 1'}: {len(rs)} references ({kinds} burst), zero-shot effect "
+          f"accuracy {ms([r['zs']['ok'] for r in rs])}")
+
+
 def rule(rows, tau):
     return [r["k160"] if r["fit"] > tau else r["k80"] for r in rows]
 
