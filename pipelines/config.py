@@ -101,8 +101,6 @@ def add_refine_args(p) -> None:
     p.add_argument("--refine-steps-unfamiliar", type=_steps_or_off, default=None, metavar="N|off",
                    help="refine instead for N steps the references whose predicted LoRA fits them worse than no LoRA "
                         "(a kind of effect the hypernetwork likely never saw; README) (default off: --refine-steps)")
-
-
     p.add_argument("--measure-reference-fit", action="store_true",
                    help="record each reference's fit (reference_fit: its own diffusion loss with its predicted LoRA "
                         "over the bare backbone's; above 1, a kind of effect the hypernetwork likely never saw) "

@@ -29,7 +29,8 @@ from video2lora.storage import content_hash, join, read_bytes, safe_child, write
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["sample_id", "status", "error", "output_uri", "lora_uri", "reference_hash", "lora_cache_hit",
-                  "reference_fit", "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s", "gen_worker", "row_fingerprint"]
+                  "reference_fit", "t_fetch_s", "t_hypernet_s", "t_refine_s", "t_generate_s", "t_write_s", "gen_worker",
+                  "row_fingerprint"]
 # rows that share these settings are generated in one batch; the names are Video2LoRAGenerator.generate's arguments
 GROUP_KEY = ("num_frames", "height", "width", "steps", "guidance_scale")
 LORA_CACHE_SIZE = 4096  # predicted LoRAs kept per hypernetwork actor, by reference hash

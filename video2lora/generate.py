@@ -163,11 +163,13 @@ class Video2LoRAGenerator:
         """Each LoRA's `refine.reference_fit` on its own reference (latents (C, f, h, w), first frame for an i2v
         backbone, caption): above `refine.UNFAMILIAR_ABOVE` the reference is unfamiliar to the hypernetwork."""
         self._check_refinable(loras)
+        if len(loras) != len(latents):
+            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references: one each")
         self.step_cost.clear_cache()  # a step cache would skip blocks of the loss's forward
         prompts = reference_prompts or [""] * len(latents)
         inputs = self._refine_inputs(latents, first_frames, prompts)
         return [reference_fit(self.model, self.backbone, lora, lat, embeds, images, seed=self.config.seed)
-                for lora, (lat, embeds, images) in zip(loras, inputs, strict=True)]
+                for lora, (lat, embeds, images) in zip(loras, inputs)]
 
     def refine_steps_for(self, fit: float | None) -> int:
         """The steps a reference of this fit is refined for (GenerationConfig.refine_steps_unfamiliar)."""
