@@ -62,6 +62,19 @@ def manifest_rows(rows: list[dict], lora_strength: float = 1.0) -> list[dict]:
     return manifest
 
 
+def signed_generation(g: GenerationConfig) -> dict:
+    """The generation settings an evaluation's videos depend on, in the form evaluations signed before the later
+    settings existed: measuring the fit changes no video; refinement counts only when on, its unfamiliar step count
+    only when set."""
+    generation = dataclasses.asdict(g)
+    generation.pop("measure_reference_fit")
+    if generation["refine_steps_unfamiliar"] is None:
+        generation.pop("refine_steps_unfamiliar")
+    if not g.refine_steps:
+        generation = {k: v for k, v in generation.items() if not k.startswith("refine")}
+    return generation
+
+
 def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, batch_size: int, steps, guidance,
                  step_cost: dict | None = None, lora_strength: float = 1.0) -> dict:
     """video2lora + no_lora rows through the Ray batch pipeline (one job; strength 0 = the bare backbone)."""
@@ -88,13 +101,9 @@ def run_pipeline(rows: list[dict], out: str, backbone: str, checkpoint: str, bat
     # the batch job resumes by sample id: videos made for other rows (another seed, effect set or row protocol) or
     # by another model or sampler would be taken as done under the same names. They belong to that earlier
     # evaluation and are made again
-    generation = dataclasses.asdict(resolved(cfg.generation))
+    generation = signed_generation(resolved(cfg.generation))
     signed_rows = manifest
-    generation.pop("measure_reference_fit")  # measuring the fit changes no video
-    if generation["refine_steps_unfamiliar"] is None:  # the signature refined evaluations had before it existed
-        generation.pop("refine_steps_unfamiliar")
     if not cfg.generation.refine_steps:  # without refinement, the signature evaluations had before it existed
-        generation = {k: v for k, v in generation.items() if not k.startswith("refine")}
         signed_rows = [{k: v for k, v in r.items() if k != "reference_prompt"} for r in manifest]
     signature = json.dumps({"rows": signed_rows, "checkpoint": checkpoint, "backbone": backbone,
                             "generation": generation}, sort_keys=True, default=str)

@@ -285,6 +285,9 @@ def run_batch_job(manifest_uri: str, cfg: BatchJobConfig, progress: bool = True)
     todo_rows = to_run - failed
     metrics = JobMetrics(redact(cfg.output))
     metrics.count("skipped", len(ids) - to_run)  # done in earlier runs
+    if cfg.generation.measures_fit and len(ids) > to_run:  # the fit changes no video: those rows are not redone
+        logger.warning("%d row(s) made in an earlier run are skipped and get no reference_fit; give a new --output "
+                       "to measure every row", len(ids) - to_run)
     metrics.count("failed", failed)  # refused on the driver
     metrics.set_in_flight(todo_rows)
     in_flight = todo_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -108,7 +109,12 @@ def add_refine_args(p) -> None:
 
 
 def _steps_or_off(value: str) -> int | None:
-    return None if value.strip().lower() in ("off", "none", "") else int(value)
+    if value.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of steps, or off") from None
 
 
 def refine_overrides(a) -> dict:

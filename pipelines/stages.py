@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -209,8 +210,8 @@ class GenerateStage:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at the default size: the rows calibrate as they come
             logger.warning("step-cache warm-up failed (%s); the first rows calibrate instead", error_text(e))
         self.cfg = cfg
-        # (reference hash, caption) -> its refined LoRA, and its predicted LoRA's fit (NaN: not measured)
-        self.refined_loras: OrderedDict[tuple, tuple[PredictedLoRA, float]] = OrderedDict()
+        # (reference hash, caption) -> its refined LoRA, and its predicted LoRA's fit (None: not measured)
+        self.refined_loras: OrderedDict[tuple, tuple[PredictedLoRA, float | None]] = OrderedDict()
         self.worker = (f"{ray.get_runtime_context().get_node_id()[:8]}:pid={os.getpid()}:gpus={ray.get_gpu_ids()}"
                        f":threads={threads}")
         logger.info("generation actor ready in %.1fs (%s)", time.perf_counter() - start, self.worker)
@@ -225,9 +226,9 @@ class GenerateStage:
         """Refine the predicted LoRA of each row the hypernetwork stage passed a reference for (one reference at
         weight 1, strength not 0: `manifest.refined`; mixes were refused when planned), each distinct reference and
         caption once; the rows of a refinement that fails fail, the others go on. With refine_steps_unfamiliar set
-        (or measure_reference_fit), each reference's fit is measured first, picks its steps, and is recorded in
-        `reference_fit`; measuring alone (refine_steps 0) keeps the predicted LoRA, and a fit that fails is left
-        empty with a warning, the row going on."""
+        or measure_reference_fit, each reference's fit is measured first and recorded in `reference_fit`. A fit
+        that fails fails its rows only where it picks their steps (refine_steps_unfamiliar); otherwise it is left
+        empty with a warning, the rows go on, and the next batch measures it again."""
         g = self.cfg.generation
         rows = [r for r in rows if r["status"] == "pending" and r.get("refine_latents")]  # the rows it refines
         todo: dict[tuple, dict] = {}
@@ -236,9 +237,12 @@ class GenerateStage:
             if key not in self.refined_loras:
                 todo.setdefault(key, r)
         uncaptioned = sum(1 for _, caption in todo if not caption)
-        if uncaptioned and g.refine_steps:  # measured: without the reference's caption the LoRA learns its content (README)
-            logger.warning("refining %d reference(s) without a reference_prompt: refinement then gains little and "
-                           "costs content fidelity; give each reference's caption", uncaptioned)
+        if uncaptioned:  # measured: without the reference's caption the LoRA learns its content (README)
+            logger.warning("%s %d reference(s) without a reference_prompt: %s; give each reference's caption",
+                           "refining" if g.refine_steps else "measuring the fit of", uncaptioned,
+                           "refinement then gains little and costs content fidelity" if g.refine_steps else
+                           "the fit's threshold was measured with captions")
+        made: dict[tuple, tuple] = {}  # this batch's (LoRA, fit) per key, cached or not
         for key, r in todo.items():
             start = time.perf_counter()
             try:
@@ -247,23 +251,30 @@ class GenerateStage:
                 frame = (uint8_to_frames(r["refine_first_frame"], (3, g.height, g.width))
                          if r.get("refine_first_frame") else None)
                 args = [r["_lora"]], [latents], [frame], [r["reference_prompt"]]
-                fits = self.generator.reference_fits_from_latents(*args) if g.measures_fit else [float("nan")]
-                lora = self.generator.refine_loras_from_latents(*args, fits=fits)[0]
-                self.refined_loras[key] = lora, fits[0]
+                fit = None
+                if g.measures_fit:
+                    try:
+                        fit = self.generator.reference_fits_from_latents(*args)[0]
+                    except Exception as e:  # noqa: BLE001
+                        if g.refine_steps_unfamiliar is not None:
+                            raise  # the fit picks the steps: no refinement without it
+                        logger.warning("reference %s: its fit could not be measured (%s); its rows are made "
+                                       "without it", key[0][:12], error_text(e))
+                lora = self.generator.refine_loras_from_latents(*args, fits=None if fit is None else [fit])[0]
+                made[key] = lora, fit
+                if fit is not None or not g.measures_fit:  # a fit that failed is measured again next batch
+                    self.refined_loras[key] = made[key]
                 r["t_refine_s"] = time.perf_counter() - start  # the row that paid for it; the others reuse it
             except Exception as e:  # noqa: BLE001
-                if not g.refine_steps:  # a diagnostic only: the row is made without it
-                    logger.warning("reference %s: its fit could not be measured (%s)", key[0][:12], error_text(e))
-                    self.refined_loras[key] = r["_lora"], float("nan")
-                    continue
                 for other in rows:
                     if (other["reference_hash"], other["reference_prompt"]) == key:
                         _fail(other, e)
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
-            if r["status"] == "pending" and key in self.refined_loras:
-                r["_lora"], r["reference_fit"] = self.refined_loras[key]
-                self.refined_loras.move_to_end(key)
+            if r["status"] == "pending" and (key in made or key in self.refined_loras):
+                r["_lora"], r["reference_fit"] = made[key] if key in made else self.refined_loras[key]
+                if key in self.refined_loras:
+                    self.refined_loras.move_to_end(key)
         while len(self.refined_loras) > LORA_CACHE_SIZE:
             self.refined_loras.popitem(last=False)
 
@@ -314,7 +325,7 @@ class GenerateStage:
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
             r.update(video=b"", video_shape="", t_refine_s=0.0, t_generate_s=0.0, gen_worker=self.worker,
-                     reference_fit=float("nan"))
+                     reference_fit=None)
             if r["status"] != "pending":
                 continue
             try:
@@ -361,6 +372,8 @@ def write_videos(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
                 _fail(r, e)
         r["t_write_s"] = time.perf_counter() - start
         rec = {c: r.get(c) for c in RESULT_COLUMNS}
+        if isinstance(rec["reference_fit"], float) and math.isnan(rec["reference_fit"]):
+            rec["reference_fit"] = None  # not measured (pandas made it NaN); rows/<id>.json stays strict JSON
         if rec["status"] == "ok":  # a sidecar per finished row: results survive a killed driver
             write_bytes_atomic(safe_child(join(cfg.output, "rows"), f"{r['sample_id']}.json"), json.dumps(rec).encode())
         out.append(rec)

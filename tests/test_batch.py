@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import os
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_batch_equals_single_process_per_row(ray_local, tiny_backbone_dir, check
     assert lora_effect > 3 * max(diffs.values()), (lora_effect, diffs)
 
 
-def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, caplog):
     """--refine-steps: the generation stage refines each row's LoRA on its reference and caption, once per distinct
     pair; its video is the library's refined one. Turned on for a resume, it keeps the rows it would not refine
     (strength 0, a mix made earlier) and refuses a new mix before any work, naming the column."""
@@ -161,7 +162,7 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
         {"sample_id": "new_mix", "reference_uris": [refs[0]], "reference_weights": [0.5], "prompt": "x", "seed": 5},
         {"sample_id": "new_bare", "reference_uri": refs[2], "prompt": "x", "seed": 6, "lora_strength": 0.0}]
     plain = GenerationConfig(**GEN, step_cache="none")
-    generation = dataclasses.replace(plain, refine_steps=4, refine_lr=1e-2)
+    generation = dataclasses.replace(plain, refine_steps=4, refine_lr=1e-2, measure_reference_fit=True)
     out = tmp_path / "out"
     run_batch_job(write_manifest(tmp_path / "m0.parquet", earlier), config(tiny_backbone_dir, checkpoint, out,
                   generation=plain), progress=False)
@@ -174,7 +175,13 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     assert set(res.index[res.status == "skipped"]) == {"bare", "mix"}  # kept: refinement would not change them
     assert "refine_steps" in res.loc["new_mix", "error"] and "reference_uris" in res.loc["new_mix", "error"]
     assert (res.loc[["a", "b"], "t_refine_s"] > 0).sum() == 1  # one refinement for the two rows
-    assert res["reference_fit"].isna().all()  # measured only with --refine-steps-unfamiliar
+    # --measure-reference-fit: the refined rows' fit, once per reference; none where no reference is read
+    assert np.isfinite(res.loc["a", "reference_fit"]) and res.loc["a", "reference_fit"] == res.loc["b", "reference_fit"]
+    assert np.isnan(res.loc["new_bare", "reference_fit"])
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))  # noqa: E731
+    records = {p.stem: strict(p.read_text()) for p in (out / "rows").iterdir()}
+    assert records["a"]["reference_fit"] == res.loc["a", "reference_fit"] and records["new_bare"]["reference_fit"] is None
+    assert "2 row(s) made in an earlier run are skipped and get no reference_fit" in caplog.text  # bare, mix
     ref = read_video(refs[0], 9, 32, 32)
     ref = ((ref + 1) * 127.5).round() / 127.5 - 1  # the pipeline ships references between stages as uint8
     gen = Video2LoRAGenerator.from_pretrained(tiny_backbone_dir, checkpoint, generation, device="cpu")
@@ -185,6 +192,9 @@ def test_refining_job_refines_each_reference_once(ray_local, tiny_backbone_dir, 
     expected = gen.refine_loras([request.lora], [ref], ["a red circle"])[0]
     expected = gen.lora_from_file(gen.export_lora(expected, 1.0), "expected")
     predicted = gen.lora_from_file(gen.export_lora(request.lora, 1.0), "predicted")
+    fit = gen.reference_fits_from_latents([request.lora], [gen.backbone.encode_video(ref[None])[0]], [ref[:, 0]],
+                                          ["a red circle"])[0]
+    assert res.loc["a", "reference_fit"] == pytest.approx(fit, rel=1e-3)  # float noise of the batched prediction
     for got, want, before in zip(exported.ups, expected.ups, predicted.ups):  # float noise of the batched
         assert (got - want).abs().max() < 0.1 * (want - before).abs().max()   # prediction, through 4 Adam steps
     unrefined = Video2LoRAGenerator(gen.backbone, gen.model, plain).generate(
@@ -237,7 +247,7 @@ def test_refining_stages_ship_the_reference_latents_once_encoded(ray_local, tiny
 
 
 def test_refining_stage_measures_each_reference_fit_and_refines_for_the_steps_it_picks(
-        ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path):
+        ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):
     """--refine-steps-unfamiliar: the generation stage measures the fit of each refined reference's predicted LoRA,
     records it in `reference_fit` (also on a row that reuses the refinement) and refines for the steps the fit picks,
     as the library does."""
@@ -268,6 +278,11 @@ def test_refining_stage_measures_each_reference_fit_and_refines_for_the_steps_it
     assert shipped[0]["reference_fit"] < 1 < shipped[1]["reference_fit"]  # both step counts are exercised
     assert shipped[2]["t_refine_s"] == 0 and shipped[2]["reference_fit"] == shipped[0]["reference_fit"]
     assert shipped[2]["_lora"] is shipped[0]["_lora"]
+    # the fit picks the steps: a fit that cannot be measured fails its rows, naming the error
+    failing = GenerateStage(tiny_backbone_dir, checkpoint, cfg)
+    monkeypatch.setattr(failing.generator, "reference_fits_from_latents", lambda *a, **k: 1 / 0)
+    made = failing(hyper(fetch_and_decode(pd.DataFrame(rows), cfg))).to_dict("records")
+    assert all(r["status"] == "failed" and "division by zero" in r["error"] for r in made)
 
 
 def test_a_zero_shot_job_can_measure_each_reference_fit_without_refining(
@@ -297,7 +312,7 @@ def test_a_zero_shot_job_can_measure_each_reference_fit_without_refining(
     predicted = library.predict_loras([ref])
     fit = library.reference_fits_from_latents(predicted, [library.backbone.encode_video(ref[None])[0]], [ref[:, 0]],
                                               ["a red circle"])[0]
-    assert made[0]["reference_fit"] == pytest.approx(fit, abs=1e-5) and np.isnan(made[1]["reference_fit"])
+    assert made[0]["reference_fit"] == pytest.approx(fit, abs=1e-5) and pd.isna(made[1]["reference_fit"])
     # the video is the predicted LoRA's: what a job without the fit makes
     plain = GenerateStage(tiny_backbone_dir, checkpoint, config(tiny_backbone_dir, checkpoint, tmp_path / "o2",
                                                                 generation=GenerationConfig(**GEN, step_cache="none")))
@@ -306,7 +321,9 @@ def test_a_zero_shot_job_can_measure_each_reference_fit_without_refining(
     fresh = GenerateStage(tiny_backbone_dir, checkpoint, cfg)
     monkeypatch.setattr(fresh.generator, "reference_fits_from_latents", lambda *a, **k: 1 / 0)
     again = fresh(pd.DataFrame(shipped)).to_dict("records")
-    assert again[0]["status"] == "pending" and again[0]["video"] == made[0]["video"] and np.isnan(again[0]["reference_fit"])
+    assert again[0]["status"] == "pending" and again[0]["video"] == made[0]["video"] and pd.isna(again[0]["reference_fit"])
+    monkeypatch.undo()  # the next batch measures it again
+    assert fresh(pd.DataFrame(shipped)).to_dict("records")[0]["reference_fit"] == pytest.approx(fit, abs=1e-5)
 
 
 def test_resume_skips_finished_rows(ray_local, tiny_backbone_dir, checkpoint, clips, tmp_path, monkeypatch):

@@ -167,6 +167,16 @@ def test_mixed_rows_in_the_manifest_and_on_the_command_line(tmp_path):
         with pytest.raises(SystemExit):
             ev.parse_args(bad)
     assert ev.parse_args(["--refine-steps", "4"]).refine_steps == 4
+    # what an evaluation signs: measuring the fit changes no video; refinement and its unfamiliar steps only when on
+    from video2lora.config import GenerationConfig
+
+    plain = ev.signed_generation(GenerationConfig())
+    assert ev.signed_generation(GenerationConfig(measure_reference_fit=True)) == plain
+    assert not any(k.startswith("refine") or k == "measure_reference_fit" for k in plain)
+    refined = ev.signed_generation(GenerationConfig(refine_steps=80))
+    assert refined["refine_steps"] == 80 and "refine_steps_unfamiliar" not in refined
+    assert ev.signed_generation(GenerationConfig(refine_steps=80, refine_steps_unfamiliar=160)) == {
+        **refined, "refine_steps_unfamiliar": 160}
     (tmp_path / "results.json").write_text(json.dumps({"rows": []}))  # an earlier run: one reference per row
     ev.check_against(str(tmp_path), 1)
     with pytest.raises(ValueError, match="references per row"):

@@ -128,6 +128,8 @@ def test_reference_fit_is_one_without_a_lora_below_it_once_refined_and_above_it_
     refined = generator.refine_loras([predicted], [ref], [prompt])[0]
     assert fit(refined) < fit(predicted) and fit(refined) < 1.0
     assert fit(scaled(predicted, 40.0)) > 1.01  # the tiny DiT saturates near 1.02
+    with pytest.raises(ValueError, match="non-finite"):
+        fit(scaled(predicted, float("nan")))
     assert fit(predicted) == fit(predicted)
 
 

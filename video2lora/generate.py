@@ -152,7 +152,8 @@ class Video2LoRAGenerator:
 
     def _check_refinable(self, loras) -> None:
         if self.model is None:
-            raise ValueError("no checkpoint loaded: refining needs the checkpoint's aux matrices")
+            raise ValueError("no checkpoint loaded: refining a LoRA or measuring its fit needs the checkpoint's aux "
+                             "matrices")
         for lora in loras:
             if not isinstance(lora, PredictedLoRA):
                 raise ValueError(f"refine: a {type(lora).__name__} is not a predicted LoRA (A_pred, B_pred)")
@@ -191,8 +192,9 @@ class Video2LoRAGenerator:
             return list(loras)
         self._check_refinable(loras)
         prompts = reference_prompts or [""] * len(latents)
-        if len(loras) != len(latents):
-            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references: one each")
+        if len(loras) != len(latents) or (fits is not None and len(fits) != len(loras)):
+            raise ValueError(f"{len(loras)} LoRAs, {len(latents)} references"
+                             f"{'' if fits is None else f', {len(fits)} fits'}: one each")
         if c.refine_steps_unfamiliar is not None and fits is None:
             fits = self.reference_fits_from_latents(loras, latents, first_frames, prompts)
         self.step_cost.clear_cache()  # a step cache would skip blocks of the training forward

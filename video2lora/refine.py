@@ -12,6 +12,8 @@ depend on which other references share the call.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .predict import PredictedLoRA
@@ -76,4 +78,8 @@ def reference_fit(model, backbone, lora: PredictedLoRA, latents: torch.Tensor, p
     a, b = lora.a_pred.to(device, torch.float32)[None], lora.b_pred.to(device, torch.float32)[None]
     fitted = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed), model.materialize(a[rows], b[rows]))
     bare = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed))
-    return float(fitted / bare)
+    fit = float(fitted / bare)
+    if not math.isfinite(fit) or fit < 0:
+        raise ValueError(f"reference fit {fit}: diffusion loss {float(fitted)} with the LoRA, {float(bare)} without; "
+                         "the reference's latents or the LoRA hold non-finite values")
+    return fit
