@@ -271,8 +271,9 @@ class GenerateStage:
                         _fail(other, e)
         for r in rows:
             key = (r["reference_hash"], r["reference_prompt"])
-            if r["status"] == "pending" and (key in made or key in self.refined_loras):
-                r["_lora"], r["reference_fit"] = made[key] if key in made else self.refined_loras[key]
+            hit = made.get(key) or self.refined_loras.get(key)  # (LoRA, fit): a tuple, never empty
+            if r["status"] == "pending" and hit:
+                r["_lora"], r["reference_fit"] = hit
                 if key in self.refined_loras:
                     self.refined_loras.move_to_end(key)
         while len(self.refined_loras) > LORA_CACHE_SIZE:
@@ -372,8 +373,8 @@ def write_videos(batch: pd.DataFrame, cfg: BatchJobConfig) -> pd.DataFrame:
                 _fail(r, e)
         r["t_write_s"] = time.perf_counter() - start
         rec = {c: r.get(c) for c in RESULT_COLUMNS}
-        if isinstance(rec["reference_fit"], float) and math.isnan(rec["reference_fit"]):
-            rec["reference_fit"] = None  # not measured (pandas made it NaN); rows/<id>.json stays strict JSON
+        # values pandas made NaN (a reference_fit not measured) are written empty: rows/<id>.json stays strict JSON
+        rec = {c: None if isinstance(v, float) and math.isnan(v) else v for c, v in rec.items()}
         if rec["status"] == "ok":  # a sidecar per finished row: results survive a killed driver
             write_bytes_atomic(safe_child(join(cfg.output, "rows"), f"{r['sample_id']}.json"), json.dumps(rec).encode())
         out.append(rec)

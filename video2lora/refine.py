@@ -24,6 +24,15 @@ from .training.loss import ACTIVATION_CHECKPOINTING_ABOVE, batch_loss, prompt_dr
 UNFAMILIAR_ABOVE = 1.0
 
 
+def reference_batch(backbone, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                    image_latents: torch.Tensor | None, draws: int) -> dict:
+    """One reference (each tensor batch 1) repeated `draws` times on the backbone's device and dtype, as
+    `training.loss.batch_loss` takes a batch."""
+    rows = torch.zeros(draws, dtype=torch.long)
+    repeat = lambda t: None if t is None else t.to(backbone.device, backbone.dtype)[rows]  # noqa: E731
+    return {"latents": repeat(latents), "prompt_embeds": repeat(prompt_embeds), "image_latents": repeat(image_latents)}
+
+
 def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
                 prompt_embeds: torch.Tensor, empty_prompt: torch.Tensor, image_latents: torch.Tensor | None = None,
                 steps: int = 40, lr: float = 3e-3, draws: int = 2, seed: int = 0,
@@ -36,13 +45,12 @@ def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
         raise ValueError(f"refine: steps={steps}, draws={draws}, lr={lr}: need steps >= 0, draws >= 1, lr > 0")
     if steps == 0:
         return lora, []
-    device, dtype = backbone.device, backbone.dtype
+    device = backbone.device
     a = torch.nn.Parameter(lora.a_pred.detach().to(device, torch.float32).clone()[None])
     b = torch.nn.Parameter(lora.b_pred.detach().to(device, torch.float32).clone()[None])
     opt = torch.optim.Adam([a, b], lr=lr)
     rows = torch.zeros(draws, dtype=torch.long)
-    latents, prompt_embeds = latents.to(device, dtype)[rows], prompt_embeds.to(device, dtype)[rows]
-    images = None if image_latents is None else image_latents.to(device, dtype)[rows]
+    batch = reference_batch(backbone, latents, prompt_embeds, image_latents, draws)
     losses = []
     # the DiT's activations for the backward pass: checkpointed above the size the training job checkpoints at
     checkpointing = backbone.transformer.gradient_checkpointing
@@ -51,9 +59,9 @@ def refine_lora(model, backbone, lora: PredictedLoRA, latents: torch.Tensor,
         with torch.enable_grad():
             for step in range(steps):
                 g = torch.Generator().manual_seed(seed * 100_003 + step)  # this reference's draws, nobody else's
-                embeds, _ = prompt_dropout(prompt_embeds, empty_prompt, prompt_dropout_p, g)
-                batch = {"latents": latents, "prompt_embeds": embeds, "image_latents": images}
-                loss = batch_loss(model, backbone, batch, g, model.materialize(a[rows], b[rows]))
+                embeds, _ = prompt_dropout(batch["prompt_embeds"], empty_prompt, prompt_dropout_p, g)
+                loss = batch_loss(model, backbone, {**batch, "prompt_embeds": embeds}, g,
+                                  model.materialize(a[rows], b[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -71,10 +79,9 @@ def reference_fit(model, backbone, lora: PredictedLoRA, latents: torch.Tensor, p
     noises. Below 1 the LoRA fits its reference better than no LoRA; the shipped hypernetwork's LoRAs for a kind of
     effect it never saw score above 1 (docs/EFFECTS.md, "how far the prediction starts"). Costs 2 x `draws` DiT
     forward passes."""
-    device, dtype = backbone.device, backbone.dtype
+    device = backbone.device
     rows = torch.zeros(draws, dtype=torch.long)
-    batch = {"latents": latents.to(device, dtype)[rows], "prompt_embeds": prompt_embeds.to(device, dtype)[rows],
-             "image_latents": None if image_latents is None else image_latents.to(device, dtype)[rows]}
+    batch = reference_batch(backbone, latents, prompt_embeds, image_latents, draws)
     a, b = lora.a_pred.to(device, torch.float32)[None], lora.b_pred.to(device, torch.float32)[None]
     fitted = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed), model.materialize(a[rows], b[rows]))
     bare = batch_loss(model, backbone, batch, torch.Generator().manual_seed(seed))
