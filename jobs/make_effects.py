@@ -7,7 +7,8 @@ Writes <out>/clips/<clip_id>.mp4 (H.264, pixels from [-1, 1]) and <out>/clips.pa
 clip_id, video_uri, prompt, effect, split, shape, colour, background. video_uri is relative to the manifest's
 directory ("clips/<clip_id>.mp4") unless --absolute-uris is given. Prompts describe only the content, never the
 effect; split is "heldout" for held-out effects (HELDOUT_EFFECTS, COMBO_HELDOUT, FAMILY_HELDOUT and any label of a
-held-out family: `effect_split`), else "train". The same seed gives the same data.
+held-out family: `effect_split`), else "train" (and "train" for --train-labels). The same seed gives the same
+data.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--effects", default="all", help="train | heldout | all | combo | combo-train | combo-heldout | "
                    "combo-world | families | families-world | ... (video2lora.effects.labels) | comma-separated effect "
                    "names (compounds: motion+look; family points: slide@45+hue@90)")
+    p.add_argument("--train-labels", default="", help="labels (a set name or comma-separated) written with split "
+                   "train although effect_split holds them out, e.g. combo-parts: the compounds' parts alone are "
+                   "training labels of the compound world")
     p.add_argument("--absolute-uris", action="store_true", help="write absolute video_uri values")
     return p.parse_args(argv)
 
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     df = write_effects_dataset(
         a.out, a.seed, a.clips_per_effect, effects=a.effects, num_frames=a.frames, size=a.size, fps=a.fps,
-        absolute_uris=a.absolute_uris, progress=True,
+        absolute_uris=a.absolute_uris, progress=True, train_labels=a.train_labels,
     )
     counts = df.groupby(["split", "effect"]).size()
     print(f"wrote {len(df)} clips to {storage.join(a.out, MANIFEST_NAME)}")

@@ -8,9 +8,10 @@
 
 `--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
 `--world combo`: compounds "motion+look" ("spin+fade_out"), 35 of 42 trained, 7 held out (their motion and look
-seen with other partners). `--world families`: points of continuous families ("slide@90+hue@120"), 36 grid
-pairings trained, 13 held out (new pairings, new points, and a family no training clip has). The backbone (from
-scratch or `--init-backbone`, its VAE kept) and the judge learn every label of the world. Only combo ships.
+seen with other partners); `--train-parts` adds the 13 motions and looks alone to the hypernetwork's clips.
+`--world families`: points of continuous families ("slide@90+hue@120"), 36 grid pairings trained, 13 held out (new
+pairings, new points, and a family no training clip has). The backbone (from scratch or `--init-backbone`, its VAE
+kept) and the judge learn every label of the world. Only combo ships.
 
 Stages (each skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 1. data       jobs/make_effects.py: the hypernetwork's clips (seed 0), the judge's training (1) and test (2) clips;
@@ -48,7 +49,6 @@ HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 # compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
 COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
 RUN_NAME = "hypernet"  # the Ray Train run under <out>/train: its checkpoints are the select stage's candidates
-logger = logging.getLogger("recipe")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
     p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
+    p.add_argument("--train-parts", action="store_true", help="--world combo: the hypernetwork also trains on "
+                   "each motion and each look alone (13 more labels), so that it sees a motion without its looks")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--backbone", default="", help="use this pretrained frozen backbone as it is (no pretrain "
                    "stage), e.g. video2lora/assets/checkpoint/backbone, as the shipped checkpoint's command does")
@@ -101,7 +103,8 @@ def world_labels(a) -> tuple[str, str, str]:
 
     if a.world == "single":
         return "all", ",".join(ALL_LABELS), "all"
-    return a.world, f"{a.world}-world", f"{a.world}-eval"  # the hypernetwork's data holds every evaluated effect
+    # the hypernetwork's data holds every evaluated effect (and, --train-parts, the compounds' parts alone)
+    return "combo-with-parts" if a.train_parts else a.world, f"{a.world}-world", f"{a.world}-eval"
 
 
 def stage_data(a, paths) -> None:
@@ -109,9 +112,10 @@ def stage_data(a, paths) -> None:
     sets = [("data", 0, a.clips_per_effect, effects)]
     if not a.classifier:  # a trained judge given needs no clips
         sets += [("judge_train", 1, a.judge_clips, labels), ("judge_test", 2, max(1, a.judge_clips // 3), labels)]
-    for name, seed, clips, which in sets:
+    for name, seed, clips, which in sets:  # the parts alone train (zoom_out alone is held out in the single world)
+        parts = ["--train-labels", "combo-parts"] if a.train_parts and name == "data" else []
         run([sys.executable, "jobs/make_effects.py", "--out", paths[name], "--seed", str(seed), "--clips-per-effect",
-             str(clips), "--effects", which])
+             str(clips), "--effects", which] + parts)
 
 
 def stage_pretrain(a, paths) -> None:
@@ -166,12 +170,8 @@ def stage_warmstart(a, paths) -> None:
         env=_env())
 
 
-def train_steps(a) -> int:
-    return a.train_steps if a.train_steps is not None else (1000 if a.world == "single" else 2000)
-
-
 def stage_train(a, paths) -> None:
-    steps = train_steps(a)
+    steps = a.train_steps if a.train_steps is not None else (1000 if a.world == "single" else 2000)
     run([sys.executable, "jobs/train.py", "--ray-address", "local", "--manifest",
          os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--storage-path",
          paths["train"], "--name", RUN_NAME, "--prepared", prepared_dir(paths), "--output", paths["final"],
@@ -253,8 +253,7 @@ def stage_select(a, paths) -> None:
             shutil.rmtree(out)
         if not os.path.exists(done):
             run(evaluate_command(a, paths, model, a.val_seed, out) + ["--no-per-effect"])
-        with open(done) as f:
-            cells = json.load(f)["table"]
+        cells = json.load(open(done))["table"]
         rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
         if best is None or rows[-1]["score"] > best["score"]:
             best = rows[-1]
@@ -300,8 +299,7 @@ def ship(paths) -> None:
     beside the old assets and swapped in at the end: a given --backbone / --classifier may be the shipped one."""
     dst = os.path.join(ROOT, "video2lora", "assets", "checkpoint")
     new = dst + ".new"
-    if os.path.exists(new):
-        shutil.rmtree(new)
+    shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
     for name in ("config.json", "video2lora.safetensors"):
         shutil.copy(os.path.join(paths["checkpoint"], name), new)
@@ -311,8 +309,7 @@ def ship(paths) -> None:
         shutil.copy(os.path.join(paths["classifier"], name), os.path.join(new, "classifier"))
     os.makedirs(os.path.join(new, "baselines"))
     shutil.copy(paths["baselines"], os.path.join(new, "baselines"))
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
+    shutil.rmtree(dst, ignore_errors=True)
     os.replace(new, dst)
     print(f"shipped into {dst}")
 
@@ -323,6 +320,8 @@ def refusal(a, paths, out, only, recorded) -> str:
         return f"unknown stage(s) {unknown}; stages: {list(STAGES)}"
     if a.ship and a.world != "combo":  # the tests and the batch job's default evaluate the compound world's labels
         return f"--ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out"
+    if a.train_parts and a.world != "combo":
+        return f"--train-parts: the parts of --world combo's compounds; --world {a.world} has none"
     if a.backbone and a.init_backbone:
         return "--backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other"
     for flag, given, marker in (("--backbone", a.backbone, "model_index.json"), ("--classifier", a.classifier, "config.json")):
@@ -340,8 +339,9 @@ def refusal(a, paths, out, only, recorded) -> str:
             before = json.load(f).get("args", {})
         if before.get("world", "single") != a.world:
             return f"{out} holds a --world {before.get('world', 'single')} run; give another --out for --world {a.world}"
-        if before.get("reference_features") not in (None, "", a.reference_features):
-            return f"{out} holds a run reading {before['reference_features']}; give another --out"
+        was = before.get("reference_features") or a.reference_features, bool(before.get("train_parts"))
+        if was != (a.reference_features, a.train_parts):  # runs from before --train-parts had none
+            return f"{out} holds a run reading {was[0]}, {'with' if was[1] else 'without'} --train-parts; give another --out"
     return ""
 
 
@@ -360,8 +360,7 @@ def main(argv=None) -> int:
         paths[name] = os.path.abspath(getattr(a, name)) if getattr(a, name) else paths[name]
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(STAGES)
     recorded = os.path.join(out, "recipe.json")
-    error = refusal(a, paths, out, only, recorded)
-    if error:
+    if error := refusal(a, paths, out, only, recorded):
         print(f"error: {error}", file=sys.stderr)
         return 2
     os.makedirs(out, exist_ok=True)

@@ -200,6 +200,28 @@ def test_write_effects_dataset(tmp_path):
     m2 = pd.read_parquet(os.path.join(out2, "clips.parquet"))
     assert sorted(m2.effect) == sorted(fx.HELDOUT_EFFECTS) and set(m2.split) == {"heldout"}
     assert all(os.path.isabs(u) and os.path.exists(u) for u in m2.video_uri)
+    # --train-labels: the compound world's parts alone are training labels, though zoom_out / invert alone are
+    # held out in the single-effects world; the other labels keep effect_split's split
+    out3 = str(tmp_path / "fx3")
+    assert main(["--out", out3, "--seed", "1", "--clips-per-effect", "1", "--effects", "zoom_out,invert,burst,spin+fade_out",
+                 "--train-labels", "combo-parts"]) == 0
+    m3 = pd.read_parquet(os.path.join(out3, "clips.parquet"))
+    assert dict(zip(m3.effect, m3.split)) == {"zoom_out": "train", "invert": "train", "burst": "heldout",
+                                              "spin+fade_out": "heldout"}
+
+
+def test_parts_alone_join_the_compounds_without_changing_their_clips():
+    parts = fx.resolve_effects("combo-parts")
+    assert sorted(parts) == sorted(fx.MOTIONS + fx.LOOKS) and len(parts) == 13
+    assert fx.resolve_effects("combo-with-parts") == fx.COMBOS + parts
+    recs = fx.make_dataset(3, 2, effects="combo-with-parts", train_labels="combo-parts")
+    split = {r["effect"]: r["split"] for r in recs}
+    assert {e for e, s in split.items() if s == "heldout"} == set(fx.COMBO_HELDOUT)  # parts alone all train
+    alone = fx.make_dataset(3, 2, effects=["spin+fade_out", "invert"])  # an effect's scenes: not the set's
+    both = [r for r in recs if r["effect"] in ("spin+fade_out", "invert")]
+    assert [r["clip_id"] for r in both] == [r["clip_id"] for r in alone]
+    assert all(np.array_equal(x["video"], y["video"]) for x, y in zip(both, alone))
+    assert [r["split"] for r in alone] == ["heldout", "heldout", "heldout", "heldout"]
 
 
 def test_compound_effects_are_their_motion_and_look():

@@ -64,6 +64,23 @@ def test_combo_world_extends_the_backbone_and_factorises_the_warm_start(commands
     assert arg(commands[0], "--vae-minutes") == "8.0"
 
 
+def test_train_parts_adds_the_parts_alone_to_the_hypernetworks_clips_only(commands, tmp_path, capsys):
+    a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--train-parts"])
+    run_stages(a, tmp_path)
+    data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
+    assert arg(data, "--effects") == "combo-with-parts" and arg(data, "--train-labels") == "combo-parts"
+    assert "--train-labels" not in judge_train and arg(judge_train, "--effects") == "combo-world"
+    assert "--factorise" in warm and arg(evaluate, "--effects") == "combo-eval"  # evaluated as without
+    commands.clear()
+    assert recipe.main(["--world", "families", "--out", str(tmp_path / "f"), "--train-parts"]) == 2
+    assert "--train-parts" in capsys.readouterr().err
+    run = tmp_path / "run"  # a run's data lacks the parts: a rerun with them would mix the two
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps({"args": {"world": "combo", "reference_features": "frame_norm"}}))
+    assert recipe.main(["--world", "combo", "--out", str(run), "--train-parts", "--only", "train"]) == 2
+    assert "without --train-parts" in capsys.readouterr().err and commands == []
+
+
 def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):
     a = recipe.parse_args(["--world", "families", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
     p = run_stages(a, tmp_path)

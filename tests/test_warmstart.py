@@ -89,12 +89,36 @@ def test_part_accuracy_reads_each_slot(backbone, monkeypatch, rank):
     assert part_accuracy(model, unseen, table) == [0.0, 0.0]
 
 
+def test_a_part_alone_trains_its_part_and_leaves_the_other_slot_empty(backbone):
+    """Motions and looks alone beside compounds (`jobs/recipe.py --train-parts`): the empty part's LoRA is exactly
+    zero, a part alone shares its part with the compounds that have it, and the fit still moves every real part."""
+    from video2lora.training.warmstart import fit_lora_tables
+
+    labels = ["spin+invert", "zoom_in+fade_out", "spin", "invert", "fade_out"]
+    data = in_memory_data(backbone, labels, 2)
+    table, _ = fit_lora_tables(make_model(backbone, rank=2), backbone, data, steps=6, batch_size=5, lr=1e-2,
+                               parts_of=fx.effect_factors)
+    assert table.units == ["fade_out", "invert", "none", "spin", "zoom_in"]
+    none = table.units.index("none")
+    assert float(table.a_units[none].abs().sum()) == 0 and float(table.b_units[none].abs().sum()) == 0
+    assert all(float(table.b_units[u].abs().sum()) > 0 for u in range(len(table.units)) if u != none)
+    spin, invert = table.groups.index("spin"), table.groups.index("invert")
+    assert float(table.b_pred[spin, ..., 1].abs().sum()) == 0 and float(table.b_pred[invert, ..., 0].abs().sum()) == 0
+    both = table.groups.index("spin+invert")
+    torch.testing.assert_close(table.b_pred[spin, ..., 0], table.b_pred[both, ..., 0])  # spin's part, shared
+    torch.testing.assert_close(table.a_pred[invert, :, 1], table.a_pred[both, :, 1])
+    a, b = table.weights(["zoom_in+invert"])  # never fitted: composed, no empty part in it
+    assert float(b[0, ..., 0].abs().sum()) > 0 and float(b[0, ..., 1].abs().sum()) > 0
+
+
 def test_factorisation_errors_name_the_label(backbone):
     from video2lora.training.warmstart import check_factorisation, fit_lora_tables
 
-    # "invert" alone is (none, invert), "burst" is (burst, none): "none" would be a motion and a look at once
-    with pytest.raises(ValueError, match="'none'"):
-        check_factorisation(["invert", "burst"], fx.effect_factors, 2)
+    # a part that is a motion for one label and a look for another cannot have one slot
+    with pytest.raises(ValueError, match="'invert' of 'x'"):
+        check_factorisation(["w", "x"], lambda g: ("spin", "invert") if g == "w" else ("invert", "spin"), 2)
+    # the empty part may sit in either slot: "invert" alone is (none, invert), "burst" is (burst, none)
+    assert check_factorisation(["invert", "burst"], fx.effect_factors, 2) == [["none", "invert"], ["burst", "none"]]
     data = in_memory_data(backbone, ["spin+invert", "zoom_in+invert"], 1)
     table, _ = fit_lora_tables(make_model(backbone, rank=2), backbone, data, steps=1, parts_of=fx.effect_factors)
     with pytest.raises(KeyError, match="fade_out"):  # a part no training label had: no LoRA to compose

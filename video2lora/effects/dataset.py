@@ -31,18 +31,21 @@ def write_effects_dataset(
     fps: float = 8,
     absolute_uris: bool = False,
     progress: bool = False,
+    train_labels: str | list[str] = (),
 ) -> pd.DataFrame:
     """Render ``clips_per_effect`` clips per effect, write the mp4s and ``<out>/clips.parquet``.
 
-    ``effects``: "train", "heldout", "all"/None, or a list of names.  Returns the manifest
-    as a DataFrame (same content as the Parquet file).
+    ``effects``: "train", "heldout", "all"/None, or a list of names; ``train_labels`` (a set name or list) are
+    written with split "train" whatever `effect_split` says.  Returns the manifest as a DataFrame (same content
+    as the Parquet file).
     """
     if size % 2:
         raise ValueError(f"--size must be even for H.264, got {size}")
     if "://" not in out:
         out = os.path.abspath(out)
     names = resolve_effects(effects)
-    records = make_dataset(seed, clips_per_effect, effects=names, num_frames=num_frames, size=size)
+    records = make_dataset(seed, clips_per_effect, effects=names, num_frames=num_frames, size=size,
+                           train_labels=train_labels)
     it = records
     if progress:
         from tqdm import tqdm

@@ -48,6 +48,10 @@ COMBO_EVAL_SEEN: tuple[str, ...] = ("spin+pixelate", "zoom_in+fade_out", "zoom_o
                                     "slide_right+fade_out", "shake+blur_in", "melt_down+invert")
 #: every label of the compound world: single effects, compounds and the static class (backbone and judge)
 COMBO_WORLD: list[str] = ALL_LABELS + COMBOS
+#: the compounds' parts alone ("zoom_in", "invert"): `jobs/recipe.py --train-parts` adds them to the hypernetwork's
+#: training clips, so each motion is also seen with no look and each look with no motion. They are training labels
+#: there, although the single-effects world holds zoom_out, slide_right and invert out (`make_dataset(train_labels=)`)
+COMBO_PARTS: tuple[str, ...] = MOTIONS + LOOKS
 
 
 # Effect families with a continuous parameter, written "family@value" ("slide@45"): held-out effects can then be
@@ -161,6 +165,7 @@ _NAMED_SETS = {
     "all": EFFECTS, "train": TRAIN_EFFECTS, "heldout": HELDOUT_EFFECTS, "held_out": HELDOUT_EFFECTS,
     "test": HELDOUT_EFFECTS, "combo": COMBOS, "combo-train": COMBO_TRAIN, "combo-heldout": COMBO_HELDOUT,
     "combo-world": COMBO_WORLD, "combo-eval": COMBO_EVAL_SEEN + COMBO_HELDOUT,
+    "combo-parts": COMBO_PARTS, "combo-with-parts": COMBOS + list(COMBO_PARTS),
     "families": FAMILY_TRAIN + FAMILY_HELDOUT, "families-train": FAMILY_TRAIN, "families-heldout": FAMILY_HELDOUT,
     "families-world": FAMILY_WORLD, "families-eval": FAMILY_EVAL_SEEN + FAMILY_HELDOUT,
 }
@@ -168,7 +173,8 @@ _NAMED_SETS = {
 
 def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
     """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS, "combo",
-    "combo-train", "combo-heldout", "combo-world", "combo-eval" -> the compound sets, "families", "families-train",
+    "combo-train", "combo-heldout", "combo-world", "combo-eval", "combo-parts", "combo-with-parts" -> the compound
+    sets, "families", "families-train",
     "families-heldout", "families-world", "families-eval" -> the family world's sets, or an explicit comma-separated
     list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
     if effects is None:

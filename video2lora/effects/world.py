@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .labels import (  # noqa: F401 - re-exported: `world` is the one name callers need
-    ALL_LABELS, COMBO_EVAL_SEEN, COMBO_HELDOUT, COMBO_TRAIN, COMBO_WORLD, COMBOS, EFFECTS, FAMILY_EVAL_SEEN,
+    ALL_LABELS, COMBO_EVAL_SEEN, COMBO_HELDOUT, COMBO_PARTS, COMBO_TRAIN, COMBO_WORLD, COMBOS, EFFECTS, FAMILY_EVAL_SEEN,
     FAMILY_HELDOUT, FAMILY_TRAIN, FAMILY_WORLD, HELDOUT_EFFECTS, HELDOUT_FAMILIES, LOOKS, LOOK_FAMILIES,
     MOTION_FAMILIES, MOTIONS, NONE, TRAIN_EFFECTS, effect_factors, effect_parts, effect_slug, effect_split,
     family_point, held_out_family, resolve_effects,
@@ -64,6 +64,7 @@ __all__ = [
     "LOOKS",
     "COMBOS",
     "COMBO_TRAIN",
+    "COMBO_PARTS",
     "COMBO_HELDOUT",
     "COMBO_EVAL_SEEN",
     "COMBO_WORLD",
@@ -365,8 +366,10 @@ def make_dataset(
     effects: str | Iterable[str] | None = None,
     num_frames: int = 9,
     size: int = 32,
+    train_labels: str | Iterable[str] = (),
 ) -> list[dict]:
-    """``clips_per_effect`` fresh scenes per effect, each rendered with that effect.
+    """``clips_per_effect`` fresh scenes per effect, each rendered with that effect. ``train_labels``: labels
+    written with split "train" where `effect_split` holds them out (the compound world's parts alone).
 
     Each record: ``clip_id, effect, split, prompt, video`` (float32 ``(3,F,H,W)`` in
     [-1, 1]) plus the scene parameters (``shape, colour, background, cx, cy, radius,
@@ -374,6 +377,7 @@ def make_dataset(
     depend on the other requested effects.
     """
     records: list[dict] = []
+    train_labels = set(resolve_effects(train_labels)) if train_labels else set()
     for effect in resolve_effects(effects):
         rng = _effect_rng(seed, effect)
         for i in range(int(clips_per_effect)):
@@ -384,7 +388,7 @@ def make_dataset(
                 {
                     "clip_id": f"fx{int(seed)}-{effect}-{i:05d}",
                     "effect": effect,
-                    "split": effect_split(effect),
+                    "split": "train" if effect in train_labels else effect_split(effect),
                     "prompt": caption(scene),
                     "video": render_clip(scene, effect, num_frames=num_frames, size=size),
                     **params,

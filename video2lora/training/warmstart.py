@@ -64,10 +64,14 @@ class LoRATable:
         return _compose(self.a_units, self.b_units, [[self.units.index(u) for u in self.parts_of(g)] for g in labels])
 
 
+#: the empty part ("invert" alone is (none, invert)): its LoRA is held at zero, so it may sit in any slot
+EMPTY_PART = "none"
+
+
 def check_factorisation(groups: list[str], parts_of, rank: int) -> list[list[str]]:
     """The parts of every group, refusing what a factorised table cannot hold: groups with different numbers of
-    parts, a rank not divisible by that number, or a part that sits in different slots (e.g. "none" as a motion
-    for one label and as a look for another)."""
+    parts, a rank not divisible by that number, or a part other than the empty one that sits in different slots
+    (a motion for one label, a look for another)."""
     parts = [list(parts_of(grp)) for grp in groups]
     k = len(parts[0]) if parts else 0
     if not parts or any(len(p) != k for p in parts) or rank % k:
@@ -76,7 +80,7 @@ def check_factorisation(groups: list[str], parts_of, rank: int) -> list[list[str
     slot: dict[str, int] = {}
     for grp, p in zip(groups, parts):
         for j, u in enumerate(p):
-            if slot.setdefault(u, j) != j:
+            if u != EMPTY_PART and slot.setdefault(u, j) != j:
                 raise ValueError(f"part {u!r} of {grp!r} is in slot {j} but in slot {slot[u]} of another label: "
                                  "a factorised table needs each part in one slot (labels all 'motion+look')")
     return parts
@@ -107,7 +111,8 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     at the start and every group's B gets a gradient from the first step.
 
     `parts_of(group)` -> its k parts (e.g. `effects.effect_factors`: motion, look): then one rank-(r/k) LoRA is fit
-    per part, shared by every group that has it, and a group's LoRA is its parts' side by side."""
+    per part, shared by every group that has it, and a group's LoRA is its parts' side by side. The empty part
+    ("none": "zoom_in" alone is (zoom_in, none)) stays zero: a motion alone teaches its motion part only."""
     groups = sorted(set(data.effects))
     prepare_backbone(backbone, model)
     device = backbone.device
@@ -123,6 +128,10 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
     g = torch.Generator().manual_seed(seed)
     a_tab = torch.nn.Parameter((torch.randn(len(units), num_layers, unit_rank, lc.down, generator=g) / lc.down**0.5).to(device))
     b_tab = torch.nn.Parameter(torch.zeros(len(units), num_layers, lc.up, unit_rank, device=device))
+    # B of the empty part is multiplied by 0 (plain tables have no such unit): its LoRA and its gradients stay zero;
+    # its A is zeroed in the table too, so the regression asks the hypernetwork for zeros in that slot
+    live = torch.tensor([0.0 if parts_of is not None and u == EMPTY_PART else 1.0 for u in units], device=device)
+    live = live[:, None, None, None]
     params = [a_tab, b_tab, *model.a_aux.parameters(), *model.b_aux.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     history, start, recent = [], time.perf_counter(), []
@@ -131,7 +140,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
         batch = stack_examples([data.example(i) for i in pick])
         gen = torch.Generator().manual_seed(step_seed(seed, step, 0))
         batch["prompt_embeds"], _ = prompt_dropout(batch["prompt_embeds"], data.empty_prompt, 0.1, gen)
-        a, b = _compose(a_tab, b_tab, [members[groups.index(data.effects[i])] for i in pick])
+        a, b = _compose(a_tab, b_tab * live, [members[groups.index(data.effects[i])] for i in pick])
         loss = batch_loss(model, backbone, batch, gen, model.materialize(a, b))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,7 +151,7 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
             history.append({"step": step, "loss": sum(recent) / len(recent), "time_s": time.perf_counter() - start})
             logger.info("LoRA tables step %d/%d loss %.4f (%.0fs)", step, steps, history[-1]["loss"], history[-1]["time_s"])
             recent = []
-    a_units, b_units = a_tab.detach().cpu(), b_tab.detach().cpu()
+    a_units, b_units = (a_tab * live).detach().cpu(), (b_tab * live).detach().cpu()  # the empty part: all zero
     a_groups, b_groups = _compose(a_units, b_units, members)
     if parts_of is None:
         return LoRATable(groups, a_groups, b_groups), history
