@@ -34,19 +34,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--effects", default="all", help="train | heldout | all | combo | combo-train | combo-heldout | "
                    "combo-world | families | families-world | ... (video2lora.effects.labels) | comma-separated effect "
                    "names (compounds: motion+look; family points: slide@45+hue@90)")
-    p.add_argument("--train-labels", default="", help="labels (a set name or comma-separated) written with split "
-                   "train although effect_split holds them out, e.g. combo-parts: the compounds' parts alone are "
-                   "training labels of the compound world")
+    p.add_argument("--train-labels", default="", help="labels of --effects (a set name or comma-separated) written "
+                   "with split train although effect_split holds them out, e.g. --effects combo-with-parts "
+                   "--train-labels combo-parts: the compounds' parts alone are training labels of the compound world")
     p.add_argument("--absolute-uris", action="store_true", help="write absolute video_uri values")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    df = write_effects_dataset(
-        a.out, a.seed, a.clips_per_effect, effects=a.effects, num_frames=a.frames, size=a.size, fps=a.fps,
-        absolute_uris=a.absolute_uris, progress=True, train_labels=a.train_labels,
-    )
+    try:
+        df = write_effects_dataset(
+            a.out, a.seed, a.clips_per_effect, effects=a.effects, num_frames=a.frames, size=a.size, fps=a.fps,
+            absolute_uris=a.absolute_uris, progress=True, train_labels=a.train_labels,
+        )
+    except ValueError as e:  # an unknown effect, an odd size, a --train-labels label not in --effects
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     counts = df.groupby(["split", "effect"]).size()
     print(f"wrote {len(df)} clips to {storage.join(a.out, MANIFEST_NAME)}")
     print(counts.to_string())

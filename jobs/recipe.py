@@ -226,11 +226,9 @@ def stage_baselines(a, paths) -> None:
 def candidates(paths) -> list[tuple[int, str]]:
     """(step, model dir) of every checkpoint the train stage kept, oldest first."""
     root = os.path.join(paths["train"], RUN_NAME)
-    found = []
-    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        model = os.path.join(root, d, "model")
-        if d.startswith("checkpoint-") and os.path.exists(os.path.join(model, "config.json")):
-            found.append((int(d.split("-")[1]), model))
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    found = [(int(d.split("-")[1]), os.path.join(root, d, "model")) for d in names
+             if d.startswith("checkpoint-") and os.path.exists(os.path.join(root, d, "model", "config.json"))]
     if not found:
         raise FileNotFoundError(f"no checkpoint under {root}: run the train stage first")
     return found
@@ -253,7 +251,8 @@ def stage_select(a, paths) -> None:
             shutil.rmtree(out)
         if not os.path.exists(done):
             run(evaluate_command(a, paths, model, a.val_seed, out) + ["--no-per-effect"])
-        cells = json.load(open(done))["table"]
+        with open(done) as f:
+            cells = json.load(f)["table"]
         rows.append({"step": step, "model": model, "score": selection_score(cells), "table": cells})
         if best is None or rows[-1]["score"] > best["score"]:
             best = rows[-1]
@@ -309,7 +308,8 @@ def ship(paths) -> None:
         shutil.copy(os.path.join(paths["classifier"], name), os.path.join(new, "classifier"))
     os.makedirs(os.path.join(new, "baselines"))
     shutil.copy(paths["baselines"], os.path.join(new, "baselines"))
-    shutil.rmtree(dst, ignore_errors=True)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
     os.replace(new, dst)
     print(f"shipped into {dst}")
 
@@ -341,7 +341,8 @@ def refusal(a, paths, out, only, recorded) -> str:
             return f"{out} holds a --world {before.get('world', 'single')} run; give another --out for --world {a.world}"
         was = before.get("reference_features") or a.reference_features, bool(before.get("train_parts"))
         if was != (a.reference_features, a.train_parts):  # runs from before --train-parts had none
-            return f"{out} holds a run reading {was[0]}, {'with' if was[1] else 'without'} --train-parts; give another --out"
+            return (f"{out} holds a run reading {was[0]}, {'with' if was[1] else 'without'} --train-parts (this run: "
+                    f"{a.reference_features}, {'with' if a.train_parts else 'without'}); give another --out")
     return ""
 
 

@@ -204,10 +204,11 @@ def test_write_effects_dataset(tmp_path):
     # held out in the single-effects world; the other labels keep effect_split's split
     out3 = str(tmp_path / "fx3")
     assert main(["--out", out3, "--seed", "1", "--clips-per-effect", "1", "--effects", "zoom_out,invert,burst,spin+fade_out",
-                 "--train-labels", "combo-parts"]) == 0
+                 "--train-labels", "zoom_out,invert"]) == 0
     m3 = pd.read_parquet(os.path.join(out3, "clips.parquet"))
     assert dict(zip(m3.effect, m3.split)) == {"zoom_out": "train", "invert": "train", "burst": "heldout",
                                               "spin+fade_out": "heldout"}
+    assert main(["--out", str(tmp_path / "fx4"), "--effects", "spin+invert", "--train-labels", "invert"]) == 2
 
 
 def test_parts_alone_join_the_compounds_without_changing_their_clips():
@@ -222,6 +223,8 @@ def test_parts_alone_join_the_compounds_without_changing_their_clips():
     assert [r["clip_id"] for r in both] == [r["clip_id"] for r in alone]
     assert all(np.array_equal(x["video"], y["video"]) for x, y in zip(both, alone))
     assert [r["split"] for r in alone] == ["heldout", "heldout", "heldout", "heldout"]
+    with pytest.raises(ValueError, match="'invert'.*not among the effects rendered"):  # a label not rendered
+        fx.make_dataset(3, 1, effects=["spin+invert"], train_labels=["invert"])
 
 
 def test_compound_effects_are_their_motion_and_look():

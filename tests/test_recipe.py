@@ -79,6 +79,9 @@ def test_train_parts_adds_the_parts_alone_to_the_hypernetworks_clips_only(comman
     (run / "recipe.json").write_text(json.dumps({"args": {"world": "combo", "reference_features": "frame_norm"}}))
     assert recipe.main(["--world", "combo", "--out", str(run), "--train-parts", "--only", "train"]) == 2
     assert "without --train-parts" in capsys.readouterr().err and commands == []
+    # a run recorded before --train-parts existed (no such key) goes on without it
+    a = recipe.parse_args(["--world", "combo", "--out", str(run)])
+    assert recipe.refusal(a, paths_for(run), str(run), list(recipe.STAGES), str(run / "recipe.json")) == ""
 
 
 def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):

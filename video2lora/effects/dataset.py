@@ -7,6 +7,7 @@ import io
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 import torch
@@ -31,7 +32,7 @@ def write_effects_dataset(
     fps: float = 8,
     absolute_uris: bool = False,
     progress: bool = False,
-    train_labels: str | list[str] = (),
+    train_labels: str | Iterable[str] = (),
 ) -> pd.DataFrame:
     """Render ``clips_per_effect`` clips per effect, write the mp4s and ``<out>/clips.parquet``.
 

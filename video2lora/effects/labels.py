@@ -174,9 +174,8 @@ _NAMED_SETS = {
 def resolve_effects(effects: str | Iterable[str] | None) -> list[str]:
     """``None``/"all" -> EFFECTS, "train" -> TRAIN_EFFECTS, "heldout" -> HELDOUT_EFFECTS, "combo",
     "combo-train", "combo-heldout", "combo-world", "combo-eval", "combo-parts", "combo-with-parts" -> the compound
-    sets, "families", "families-train",
-    "families-heldout", "families-world", "families-eval" -> the family world's sets, or an explicit comma-separated
-    list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
+    sets, "families", "families-train", "families-heldout", "families-world", "families-eval" -> the family world's
+    sets, or an explicit comma-separated list (validated; may include ``"none"`` and compounds ``"motion+look"``)."""
     if effects is None:
         return list(EFFECTS)
     if isinstance(effects, str) and effects in _NAMED_SETS:

@@ -377,8 +377,11 @@ def make_dataset(
     depend on the other requested effects.
     """
     records: list[dict] = []
+    names = resolve_effects(effects)
     train_labels = set(resolve_effects(train_labels)) if train_labels else set()
-    for effect in resolve_effects(effects):
+    if stray := sorted(train_labels - set(names)):
+        raise ValueError(f"train_labels {stray} are not among the effects rendered ({len(names)} labels)")
+    for effect in names:
         rng = _effect_rng(seed, effect)
         for i in range(int(clips_per_effect)):
             scene = sample_scene(rng)

@@ -112,7 +112,8 @@ def fit_lora_tables(model, backbone, data: PreparedData, steps: int = 800, batch
 
     `parts_of(group)` -> its k parts (e.g. `effects.effect_factors`: motion, look): then one rank-(r/k) LoRA is fit
     per part, shared by every group that has it, and a group's LoRA is its parts' side by side. The empty part
-    ("none": "zoom_in" alone is (zoom_in, none)) stays zero: a motion alone teaches its motion part only."""
+    ("none": "zoom_in" alone is (zoom_in, none)) is always exactly zero, in whichever slots it sits: a motion alone
+    teaches its motion part only."""
     groups = sorted(set(data.effects))
     prepare_backbone(backbone, model)
     device = backbone.device
@@ -185,7 +186,9 @@ def regression_error(model, data: PreparedData, rows, labels: torch.Tensor, tabl
 def part_accuracy(model, data: PreparedData, table: LoRATable, batch_size: int = 64) -> list[float]:
     """Factorised tables: per rank slot (part), how often the predicted LoRA's slot is nearest (in weight space)
     to the clip's own part among all fitted parts. On compounds never fitted, this says whether the hypernetwork
-    reads each part of a new combination (zero-shot, in weight space)."""
+    reads each part of a new combination (zero-shot, in weight space). Where parts alone were fitted, the empty
+    part (zero) is a candidate too: a shrunk prediction lands on it, so those numbers are not comparable with a
+    table that has no empty part."""
     if table.units is None:
         raise ValueError("part_accuracy needs a factorised table (fit_lora_tables(parts_of=...))")
     a_u, b_u = table.a_units, table.b_units
