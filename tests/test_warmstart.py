@@ -92,8 +92,9 @@ def test_part_accuracy_reads_each_slot(backbone, monkeypatch, rank):
 def test_a_part_alone_trains_its_part_and_leaves_the_other_slot_empty(backbone):
     """Motions and looks alone beside compounds (`jobs/recipe.py --train-parts`): the empty part's LoRA is exactly
     zero, a part alone shares its part with the compounds that have it, and the fit still moves every real part."""
-    from video2lora.training.warmstart import fit_lora_tables
+    from video2lora.training.warmstart import EMPTY_PART, fit_lora_tables
 
+    assert EMPTY_PART == fx.NONE  # the name effect_factors gives a missing part
     labels = ["spin+invert", "zoom_in+fade_out", "spin", "invert", "fade_out"]
     data = in_memory_data(backbone, labels, 2)
     table, _ = fit_lora_tables(make_model(backbone, rank=2), backbone, data, steps=6, batch_size=5, lr=1e-2,

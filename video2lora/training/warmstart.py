@@ -64,7 +64,9 @@ class LoRATable:
         return _compose(self.a_units, self.b_units, [[self.units.index(u) for u in self.parts_of(g)] for g in labels])
 
 
-#: the empty part ("invert" alone is (none, invert)): its LoRA is held at zero, so it may sit in any slot
+#: the empty part, as `effects.effect_factors` names a missing one (effects.labels.NONE: "invert" alone is (none,
+#: invert)); kept as a literal so training code does not import the effects world. Its LoRA is held at zero, so it
+#: may sit in any slot
 EMPTY_PART = "none"
 
 
