@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--factorise", action="store_true",
                    help="compound effects ('motion+look'): fit one LoRA per motion and per look, an effect's LoRA "
                         "being its two side by side (needs an even LoRA rank)")
+    p.add_argument("--tables-from", default="",
+                   help="an earlier warm start's --output on the same preparation: take its LoRA tables and the aux "
+                        "matrices fitted with them instead of fitting again (--table-* ignored), e.g. to try another "
+                        "hypernetwork")
     p.add_argument("--table-lr", type=float, default=2e-3)
     p.add_argument("--table-batch-size", type=int, default=8)
     p.add_argument("--regress-steps", type=int, default=1500, help="steps of the hypernetwork regression")
@@ -114,8 +118,16 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: --factorise: {e}", file=sys.stderr)
             return 2
-    table, table_history = fit_lora_tables(model, backbone, data, steps=a.table_steps, batch_size=a.table_batch_size,
-                                           lr=a.table_lr, seed=a.seed, parts_of=parts_of)
+    if a.tables_from:
+        try:
+            table, table_history = read_tables(a.tables_from, model, groups, parts_of, a.prepared)
+        except (storage.StorageError, FileNotFoundError, ValueError) as e:
+            print(f"error: --tables-from: {e}", file=sys.stderr)
+            return 2
+    else:
+        table, table_history = fit_lora_tables(model, backbone, data, steps=a.table_steps,
+                                               batch_size=a.table_batch_size, lr=a.table_lr, seed=a.seed,
+                                               parts_of=parts_of)
     regress_history = regress_hypernet(model, data, table, steps=a.regress_steps, batch_size=a.regress_batch_size,
                                        lr=a.regress_lr, seed=a.seed, device=a.device)
     model.save_pretrained(a.output)
@@ -160,6 +172,40 @@ def main(argv=None) -> int:
           f"{first['relative_error']:.3f} -> {last['relative_error']:.3f}, right effect "
           f"{first['nearest_group_accuracy']:.2f} -> {last['nearest_group_accuracy']:.2f}; artifact in {storage.redact(a.output)}")
     return 0
+
+
+def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str):
+    """An earlier warm start's LoRA tables, its table-fit history, and (into `model`) the aux matrices fitted with
+    them; refused unless it was made on the same preparation (so the same backbone) for the same effect labels."""
+    import torch
+
+    from video2lora import storage
+    from video2lora.hypernet import Video2LoRAModel, load_safetensors_bytes
+    from video2lora.training.warmstart import LoRATable
+
+    name = storage.join(uri, "lora_tables.safetensors")
+    earlier = json.loads(storage.read_bytes(storage.join(uri, "warmstart.json")))
+    if os.path.basename(str(earlier["args"]["prepared"]).rstrip("/")) != os.path.basename(prepared.rstrip("/")):
+        raise ValueError(f"{storage.redact(uri)} was fitted on preparation {earlier['args']['prepared']}, not "
+                         f"{storage.redact(prepared)}")
+    raw = storage.read_bytes(name)
+    meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+    t = load_safetensors_bytes(raw, name)
+    if json.loads(meta.get("groups", "[]")) != groups:
+        raise ValueError(f"{name} holds LoRAs of {meta.get('groups')}, the clips have effects {groups}")
+    if (parts_of is None) != ("units" not in meta):
+        raise ValueError(f"{name}: {'no' if parts_of else ''} factorised table; run with{'' if parts_of else 'out'} --factorise as it was")
+    aux = Video2LoRAModel.from_pretrained(uri)
+    shape = lambda c: ([tuple(l) for l in c.layers], c.lora.rank, c.lora.down, c.lora.up)  # noqa: E731
+    if shape(aux.config) != shape(model.config):
+        raise ValueError(f"{storage.redact(uri)}: its LoRA rank/down/up or adapted layers differ from this model's")
+    with torch.no_grad():
+        for mine, theirs in zip([*model.a_aux, *model.b_aux], [*aux.a_aux, *aux.b_aux]):
+            mine.copy_(theirs)
+    units = json.loads(meta["units"]) if parts_of else None
+    table = LoRATable(groups, t["a_pred"], t["b_pred"], units, t.get("a_units"), t.get("b_units"),
+                      parts_of if units else None)
+    return table, earlier["table"]
 
 
 if __name__ == "__main__":

@@ -6,22 +6,19 @@
         --classifier video2lora/assets/checkpoint/classifier --table-steps 6000 --ship  # shipped
     python jobs/recipe.py --world families --init-backbone video2lora/assets/checkpoint/backbone  # family points
 
-`--backbone` / `--classifier`: an already trained backbone / judge, used as it is (its stage skipped).
-`--world combo`: compounds "motion+look" ("spin+fade_out"), 35 of 42 trained, 7 held out (their motion and look
-seen with other partners); `--train-parts` adds the 13 motions and looks alone to the hypernetwork's clips.
-`--world families`: points of continuous families ("slide@90+hue@120"), 36 grid pairings trained, 13 held out (new
-pairings, new points, and a family no training clip has). The backbone (from scratch or `--init-backbone`, its VAE
-kept) and the judge learn every label of the world. Only combo ships.
+`--backbone` / `--classifier`: a trained backbone / judge, used as it is. `--world combo`: compounds "motion+look"
+("spin+fade_out"), 35 of 42 trained, 7 held out (their parts seen with other partners); `--world families`: points
+of continuous families ("slide@90+hue@120"), 36 grid pairings trained, 13 held out (new pairings, new points, a new
+family). The backbone and the judge learn every label of the world. Only combo ships.
 
 Stages (each skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 1. data       jobs/make_effects.py: the hypernetwork's clips (seed 0), the judge's training (1) and test (2) clips;
 2. pretrain   jobs/pretrain_backbone.py: the VAE, then the DiT + text encoder, on captioned clips of every effect;
 3. judge      jobs/evaluate.py --train-classifier: the effect / content classifier on real clips;
 4. prepare    jobs/prepare.py (Ray Data): every training clip through the frozen VAE and text encoder, once;
-5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect, the hypernetwork regressed onto them
-              (without it the diffusion loss alone ignores the reference: docs/EFFECTS.md);
-6. train      jobs/train.py --init-checkpoint (Ray Train, ZeRO-2, 2 CPU workers): end to end with the diffusion
-              loss, on the training effects only, references paired by effect as in the paper;
+5. warmstart  jobs/pretrain_hypernet.py: one LightLoRA per training effect (or `--tables-from` an earlier run's), the
+              hypernetwork regressed onto them (without it the diffusion loss ignores the reference: docs/EFFECTS.md);
+6. train      jobs/train.py --init-checkpoint (Ray Train, ZeRO-2, 2 workers): the diffusion loss, as in the paper;
 7. baselines  video2lora.effects.baselines: one ordinary LoRA per evaluated effect, early-stopped on its own loss;
 8. select     jobs/evaluate.py on --val-seed for every checkpoint kept: the best (mean of seen and pooled held-out
               effect accuracy) becomes <out>/checkpoint (selection.md);
@@ -48,6 +45,7 @@ STAGES = ("data", "pretrain", "judge", "prepare", "warmstart", "train", "baselin
 HYPER_CONFIG = {"hyper": {"width": 96, "num_heads": 4, "stem_channels": 32}}
 # compounds: rank 2, one rank-1 part for the motion and one for the look (the factorised warm start fills them)
 COMBO_CONFIG = {**HYPER_CONFIG, "lora": {"rank": 2}}
+FLAGS = ("train_parts", "motion_stream")  # one --out holds runs of one setting of each
 RUN_NAME = "hypernet"  # the Ray Train run under <out>/train: its checkpoints are the select stage's candidates
 
 
@@ -60,11 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
     p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
-    p.add_argument("--train-parts", action="store_true", help="--world combo: the hypernetwork also trains on "
-                   "each motion and each look alone (13 more labels), so that it sees a motion without its looks")
+    p.add_argument("--train-parts", action="store_true", help="--world combo: the hypernetwork's clips also hold "
+                   "each motion and look alone (13 labels)")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
-    p.add_argument("--backbone", default="", help="use this pretrained frozen backbone as it is (no pretrain "
-                   "stage), e.g. video2lora/assets/checkpoint/backbone, as the shipped checkpoint's command does")
+    p.add_argument("--backbone", default="", help="use this pretrained frozen backbone as it is (no pretrain stage)")
     p.add_argument("--classifier", default="", help="use this trained judge as it is (no judge stage, no judge data)")
     p.add_argument("--pretrain-clips-per-label", type=int, default=200)
     p.add_argument("--pretrain-device", default="cpu", help="cuda: the backbone pretraining on a GPU")
@@ -72,13 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dit-minutes", type=float, default=15.0)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--table-steps", type=int, default=None,
-                   help="warm start: per-effect LoRA steps (about 0.1 s each; default 800, 2000 for compounds)")
+    p.add_argument("--table-steps", type=int, default=None, help="warm start: LoRA table steps (default 800, 2000 combo)")
     p.add_argument("--regress-steps", type=int, default=1500, help="warm start: hypernetwork regression steps")
+    p.add_argument("--motion-stream", action="store_true", help="compounds: HyperConfig.motion_stream")
+    p.add_argument("--tables-from", default="", help="warm start: an earlier warmstart/ whose tables to take")
     p.add_argument("--reference-features", default="", help="what the hypernetwork reads of a reference "
                    "(HyperConfig.reference_features, comma-separated; default frame_norm for combo, else latent)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="end-to-end hypernetwork steps, global batch 8 (default 1000, 2000 for compounds)")
+    p.add_argument("--train-steps", type=int, default=None, help="end-to-end steps, batch 8 (default 1000, 2000 combo)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (select's candidates)")
     p.add_argument("--train-lr", type=float, default=1e-4)
     p.add_argument("--baseline-steps", type=int, default=4000, help="per-effect LoRAs: at most (each early-stops)")
@@ -97,8 +94,7 @@ def run(cmd: list[str], env=None) -> None:
 
 
 def world_labels(a) -> tuple[str, str, str]:
-    """(the hypernetwork's effects, every label of the world, the evaluated effects) as video2lora.effects set
-    names or comma-separated lists."""
+    """(the hypernetwork's effects, every label of the world, the evaluated effects): effect set names or lists."""
     from video2lora.effects.world import ALL_LABELS
 
     if a.world == "single":
@@ -161,12 +157,13 @@ def stage_warmstart(a, paths) -> None:
     combo = a.world != "single"  # compounds: a factorised warm start
     table_steps = a.table_steps if a.table_steps is not None else (2000 if combo else 800)  # 35-36 compounds share them
     config = json.loads(json.dumps(COMBO_CONFIG if combo else HYPER_CONFIG))
-    config["hyper"]["reference_features"] = reference_features(a)
+    config["hyper"].update(reference_features=reference_features(a), motion_stream=a.motion_stream)
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(config),
          "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps),
          # one process alone on the machine: up to 2 threads pay off here even where the Ray stages use 1
-         "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))] + (["--factorise"] if combo else []),
+         "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))] + (["--factorise"] if combo else [])
+        + (["--tables-from", os.path.abspath(a.tables_from)] if a.tables_from else []),
         env=_env())
 
 
@@ -179,9 +176,8 @@ def stage_train(a, paths) -> None:
          "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
          # every checkpoint is kept: the select stage compares them on the validation seed
          "--checkpoint-every", str(a.checkpoint_every), "--keep-checkpoints", str(-(-steps // a.checkpoint_every)),
-         "--log-every", "50",
-         # a 2-CPU machine: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
-         "--cpus-per-worker", "0.25", "--data-cpus", "0.1"], env=_env())
+         # 2 CPUs: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
+         "--log-every", "50", "--cpus-per-worker", "0.25", "--data-cpus", "0.1"], env=_env())
 
 
 def finished_preparations(paths) -> list[str]:
@@ -235,8 +231,7 @@ def candidates(paths) -> list[tuple[int, str]]:
 
 
 def stage_select(a, paths) -> None:
-    """Every kept checkpoint on the validation seed; the best by `selection_score` (ties: fewer steps) becomes
-    the run's checkpoint. The test seed is not looked at here."""
+    """Every kept checkpoint on the validation seed (never the test seed); the best (ties: fewer steps) ships."""
     from video2lora.effects.evaluation import ROW_PROTOCOL, selection_markdown, selection_score
     from video2lora.effects.world import resolve_effects
 
@@ -322,6 +317,8 @@ def refusal(a, paths, out, only, recorded) -> str:
         return f"--ship: only --world combo ships (video2lora/assets); --world {a.world} stays in --out"
     if a.train_parts and a.world != "combo":
         return f"--train-parts: the parts of --world combo's compounds; --world {a.world} has none"
+    if a.motion_stream and a.world == "single":
+        return "--motion-stream: the motion half of a compound's factorised LoRA; --world single has no compounds"
     if a.backbone and a.init_backbone:
         return "--backbone (use one as it is) and --init-backbone (pretrain from one) exclude each other"
     for flag, given, marker in (("--backbone", a.backbone, "model_index.json"), ("--classifier", a.classifier, "config.json")):
@@ -339,10 +336,13 @@ def refusal(a, paths, out, only, recorded) -> str:
             before = json.load(f).get("args", {})
         if before.get("world", "single") != a.world:
             return f"{out} holds a --world {before.get('world', 'single')} run; give another --out for --world {a.world}"
-        was = before.get("reference_features") or a.reference_features, bool(before.get("train_parts"))
-        if was != (a.reference_features, a.train_parts):  # runs from before --train-parts had none
-            return (f"{out} holds a run reading {was[0]}, {'with' if was[1] else 'without'} --train-parts (this run: "
-                    f"{a.reference_features}, {'with' if a.train_parts else 'without'}); give another --out")
+        # runs from before --train-parts / --motion-stream had neither
+        was = [before.get("reference_features") or a.reference_features] + [bool(before.get(k)) for k in FLAGS]
+        now = [a.reference_features] + [getattr(a, k) for k in FLAGS]
+        said = lambda v: f"reading {v[0]}, " + ", ".join(  # noqa: E731
+            f"{'with' if on else 'without'} --{k.replace('_', '-')}" for k, on in zip(FLAGS, v[1:]))
+        if was != now:
+            return f"{out} holds a run {said(was)} (this run: {said(now)}); give another --out"
     return ""
 
 

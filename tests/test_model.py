@@ -232,6 +232,57 @@ def test_reference_features_read_motion_whatever_the_frames_look_like(tmp_path):
     assert torch.isfinite(model.to(torch.bfloat16).hypernet.reference_features(flat.to(torch.bfloat16)).float()).all()
 
 
+def test_motion_stream_predicts_the_motion_half_from_a_reference_whose_look_is_randomised(tmp_path):
+    """hyper.motion_stream: two hypernetworks, the first half of the rank from a reference whose look is randomised
+    in training only (`randomise_look`: channels mixed, frames blurred or pixelated, no content moved between
+    frames), the second from the reference as it is; deterministic under a generator, and saved like any model."""
+    from video2lora.config import HyperConfig, LoRAConfig, Video2LoRAConfig
+    from video2lora.hypernet import HyperNetwork, MotionLookHyperNetwork, randomise_look
+    from video2lora.training.loss import training_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, 6, generator=g)
+    y = randomise_look(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and torch.equal(y, randomise_look(x, torch.Generator().manual_seed(1)))
+    assert (y - x).abs().max() > 0.1
+    dot = torch.zeros(1, 4, 5, 6, 6)
+    dot[0, :, 2, 3, 3] = 1.0  # one position of one frame: it stays in its frame, near where it was (blur, then 2x2)
+    for seed in range(4):
+        spread = randomise_look(dot, torch.Generator().manual_seed(seed)).abs().sum(1)[0]  # (F, h, w)
+        assert spread[[0, 1, 3, 4]].max() == 0 and spread[2].sum() > 0
+        assert torch.isclose(spread[2, 2:6, 2:6].sum(), spread[2].sum())
+
+    def build(**hyper):
+        torch.manual_seed(0)
+        return Video2LoRAModel(Video2LoRAConfig(
+            lora=LoRAConfig(rank=2, down=8, up=6), layers=[(f"l{i}", 16, 12) for i in range(2)], latent_channels=4,
+            hyper=HyperConfig(width=16, num_blocks=1, num_heads=2, iterations=2, head_init_std=0.05, **hyper)))
+
+    model = build(motion_stream=True)
+    assert isinstance(model.hypernet, MotionLookHyperNetwork) and isinstance(build().hypernet, HyperNetwork)
+    assert model.hypernet.motion.head.out_features == 8 + 6  # each stream predicts rank 1
+    a, b = model.eval().predict(x)
+    assert a.shape == (2, 2, 2, 8) and b.shape == (2, 2, 6, 2)
+    assert torch.equal(model.predict(x)[0], a)  # eval: nothing random
+    a_train, b_train = model.train().predict(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a_train[:, :, 1], a[:, :, 1], atol=0, rtol=0)  # the look half reads x as it is
+    torch.testing.assert_close(b_train[..., 1], b[..., 1], atol=0, rtol=0)
+    assert (a_train[:, :, 0] - a[:, :, 0]).abs().max() > 1e-6  # the motion half read a randomised look
+    again = model.predict(x, torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(again, a_train, atol=0, rtol=0)  # the generator decides the randomisation
+    model.eval().save_pretrained(str(tmp_path / "ms"))
+    assert json.loads((tmp_path / "ms" / "config.json").read_text())["hyper"]["motion_stream"] is True
+    loaded = Video2LoRAModel.from_pretrained(str(tmp_path / "ms"))
+    torch.testing.assert_close(loaded.predict(x)[0], a, atol=0, rtol=0)
+    build().save_pretrained(str(tmp_path / "one"))  # off: config.json as before the field existed
+    assert "motion_stream" not in json.loads((tmp_path / "one" / "config.json").read_text())["hyper"]
+    with pytest.raises(ValueError, match="rank 3 is odd"):
+        Video2LoRAModel(Video2LoRAConfig(lora=LoRAConfig(rank=3, down=8, up=6), layers=[("l0", 16, 12)],
+                                         latent_channels=4, hyper=HyperConfig(width=16, num_heads=2, motion_stream=True)))
+    with pytest.raises(ValueError, match="motion_stream"):
+        HyperConfig(motion_stream="yes")
+
+
 def test_pickle_checkpoint_is_refused(generator, tmp_path):
     model = generator.model
     model.save_pretrained(str(tmp_path / "ckpt"))

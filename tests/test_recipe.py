@@ -84,6 +84,27 @@ def test_train_parts_adds_the_parts_alone_to_the_hypernetworks_clips_only(comman
     assert recipe.refusal(a, paths_for(run), str(run), list(recipe.STAGES), str(run / "recipe.json")) == ""
 
 
+
+def test_motion_stream_and_tables_from_reach_the_warm_start_only(commands, tmp_path, capsys):
+    a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--motion-stream", "--tables-from", "/r/warmstart"])
+    run_stages(a, tmp_path)
+    data, judge_train, judge_test, pretrain, warm, train, evaluate = commands
+    assert json.loads(arg(warm, "--model-config"))["hyper"]["motion_stream"] is True
+    assert arg(warm, "--tables-from") == "/r/warmstart" and "--factorise" in warm
+    assert all("--tables-from" not in c and "--model-config" not in c for c in commands if c is not warm)
+    commands.clear()
+    recipe.stage_warmstart(recipe.parse_args(["--world", "combo", "--out", str(tmp_path)]), paths_for(tmp_path))
+    assert json.loads(arg(commands[0], "--model-config"))["hyper"]["motion_stream"] is False
+    assert "--tables-from" not in commands[0]
+    commands.clear()
+    assert recipe.main(["--out", str(tmp_path / "s"), "--motion-stream"]) == 2  # single effects: no motion half
+    assert "--motion-stream" in capsys.readouterr().err
+    run = tmp_path / "run"  # a run without the motion stream: a rerun with it would mix the two
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps({"args": {"world": "combo", "reference_features": "frame_norm"}}))
+    assert recipe.main(["--world", "combo", "--out", str(run), "--motion-stream", "--only", "train"]) == 2
+    assert "without --motion-stream" in capsys.readouterr().err and commands == []
+
 def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):
     a = recipe.parse_args(["--world", "families", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])
     p = run_stages(a, tmp_path)

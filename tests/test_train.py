@@ -367,6 +367,26 @@ def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manif
     warm = Video2LoRAModel.from_pretrained(out)
     assert tables["a_pred"].shape[:2] == (len(EFFECTS), len(warm.config.layers))
     assert warm.config.hyper.stem_channels == 8
+    # --tables-from: another hypernetwork (here the motion stream) regressed onto these very tables, fitted once
+    other = str(tmp_path / "warm-again")
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
+                                   "--model-config", json.dumps({**model_cfg, "lora": {"rank": 2}, "hyper": {
+                                       **model_cfg["hyper"], "motion_stream": True}}),
+                                   "--tables-from", out, "--regress-steps", "2", "--eval-rows", "2"]) == 2  # rank 2 != 1
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
+                                   "--model-config", json.dumps(model_cfg), "--tables-from", str(tmp_path / "none"),
+                                   "--regress-steps", "2", "--eval-rows", "2"]) == 2  # nothing there
+    assert not os.path.exists(other)
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
+                                   "--model-config", json.dumps(model_cfg), "--tables-from", out, "--seed", "1",
+                                   "--regress-steps", "2", "--eval-rows", "2"]) == 0
+    assert load_file(os.path.join(other, "lora_tables.safetensors")).keys() == tables.keys()
+    for k, v in load_file(os.path.join(other, "lora_tables.safetensors")).items():
+        assert torch.equal(v, tables[k]), k
+    again = Video2LoRAModel.from_pretrained(other)
+    for k, v in warm.state_dict().items():  # the aux matrices fitted with the tables, the hypernetwork its own
+        assert torch.equal(again.state_dict()[k], v) == ("aux" in k), k
+    assert json.loads(open(os.path.join(other, "warmstart.json")).read())["table"] == report["table"]
 
     # bf16 compute: the fp32 master weights must still start as the warm start's fp32 weights, not a bf16 rounding
     job = job_config(prepared[0].uri, tiny_backbone_dir, str(tmp_path / "runs"), "from-warm", max_steps=2, lr=0.0,

@@ -73,6 +73,11 @@ class HyperConfig:
     # brightness hid a held-out compound's motion from "latent" alone.
     reference_features: tuple[str, ...] = ("latent",)
     correlation_radius: int = 2
+    # two hypernetworks of this size instead of one: the first half of the LoRA rank (the motion slot of the
+    # factorised warm start) predicted from a reference whose look is randomised in training (channels mixed,
+    # frames blurred or pixelated: hypernet.randomise_look), so it cannot name a motion by the look it came with;
+    # the second half from the reference as it is. Needs an even rank
+    motion_stream: bool = False
 
     def __post_init__(self):
         if self.head_init not in HEAD_INITS:
@@ -86,6 +91,8 @@ class HyperConfig:
         radius = self.correlation_radius
         if isinstance(radius, bool) or not isinstance(radius, int) or not 0 <= radius <= 8:
             raise ValueError(f"hyper.correlation_radius {radius!r}: expected an integer from 0 to 8")
+        if not isinstance(self.motion_stream, bool):
+            raise ValueError(f"hyper.motion_stream {self.motion_stream!r}: expected true or false")
 
 
 @dataclass
@@ -197,6 +204,8 @@ class Video2LoRAConfig:
             del d["hyper"]["reference_features"]
         if d["hyper"]["correlation_radius"] == 2:
             del d["hyper"]["correlation_radius"]
+        if not d["hyper"]["motion_stream"]:
+            del d["hyper"]["motion_stream"]
         return d
 
     def to_json(self) -> str:

@@ -100,6 +100,27 @@ def init_head(head: nn.Linear, kind: str, std: float, rank: int, down: int, iter
     nn.init.zeros_(head.bias)
 
 
+def randomise_look(latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, C, F, h, w) latents with their look randomised, their motion kept: per clip a random orthogonal mix of
+    the channels (colour, inversion), per frame a random 3x3 Gaussian blur (sigma up to 1.2) and, one frame in four,
+    a 2x pixelation. None of these moves content between positions or frames."""
+    n, c, f, h, w = latents.shape
+    draw = lambda *shape: torch.rand(*shape, generator=generator).to(latents.device)  # noqa: E731
+    mix = torch.linalg.qr(torch.randn(n, c, c, generator=generator))[0].to(latents.device, latents.dtype)
+    frames = torch.einsum("nij,njfhw->nfihw", mix, latents).reshape(n * f, c, h, w)
+    sigma = (draw(n * f) * 1.2).clamp_min(1e-3)
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0], device=latents.device)[None] / (2 * sigma[:, None] ** 2))
+    taps = (taps / taps.sum(1, keepdim=True)).to(latents.dtype)[:, :, None, None, None]  # (N*F, 3, 1, 1, 1)
+    padded = F.pad(frames, (1, 1, 1, 1), mode="replicate")
+    rows = sum(taps[:, i] * padded[:, :, i: i + h] for i in range(3))
+    frames = sum(taps[:, i] * rows[..., i: i + w] for i in range(3))
+    pixelate = draw(n * f) < 0.25
+    if pixelate.any() and h % 2 == 0 and w % 2 == 0:
+        frames = frames.clone()
+        frames[pixelate] = F.interpolate(F.avg_pool2d(frames[pixelate], 2), scale_factor=2, mode="nearest")
+    return frames.reshape(n, f, c, h, w).transpose(1, 2)
+
+
 class HyperNetwork(nn.Module):
     def __init__(self, config: Video2LoRAConfig):
         super().__init__()
@@ -169,6 +190,30 @@ class HyperNetwork(nn.Module):
         return a_pred, b_pred
 
 
+class MotionLookHyperNetwork(nn.Module):
+    """`hyper.motion_stream`: two hypernetworks, each predicting half the LoRA rank. The motion one (the first
+    half: the motion slot of the factorised warm start) reads, in training, a reference with its look randomised
+    (`randomise_look`): trained only on looks paired with a motion, one hypernetwork learns to tell the motion
+    from the look it came with, and a new pairing then gets the motion of a known one (docs/EFFECTS.md)."""
+
+    def __init__(self, config: Video2LoRAConfig):
+        super().__init__()
+        if config.lora.rank % 2:
+            raise ValueError(f"hyper.motion_stream splits the LoRA rank in two halves: lora.rank {config.lora.rank} is odd")
+        half = Video2LoRAConfig.from_dict({**config.to_dict(), "lora": {**config.to_dict()["lora"],
+                                                                       "rank": config.lora.rank // 2}})
+        self.motion, self.look = HyperNetwork(half), HyperNetwork(half)
+
+    @property
+    def video_proj(self) -> nn.Linear:  # the dtype Video2LoRAModel.predict casts to
+        return self.motion.video_proj
+
+    def forward(self, latents: torch.Tensor, generator: torch.Generator | None = None):
+        motion_in = randomise_look(latents, generator) if self.training else latents
+        (a_motion, b_motion), (a_look, b_look) = self.motion(motion_in), self.look(latents)
+        return torch.cat([a_motion, a_look], 2), torch.cat([b_motion, b_look], 3)
+
+
 class Video2LoRAModel(nn.Module):
     """Hypernetwork + aux matrices: everything that trains. The backbone stays frozen outside."""
 
@@ -178,7 +223,7 @@ class Video2LoRAModel(nn.Module):
             raise ValueError("Video2LoRAConfig.layers is empty: build it with Video2LoRAConfig.for_backbone")
         self.config = config
         lc = config.lora
-        self.hypernet = HyperNetwork(config)
+        self.hypernet = MotionLookHyperNetwork(config) if config.hyper.motion_stream else HyperNetwork(config)
         self.a_aux = nn.ParameterList(nn.Parameter(nn.init.orthogonal_(torch.empty(lc.down, i))) for _, i, _ in config.layers)
         self.b_aux = nn.ParameterList(nn.Parameter(nn.init.orthogonal_(torch.empty(o, lc.up))) for _, _, o in config.layers)
 
@@ -186,9 +231,13 @@ class Video2LoRAModel(nn.Module):
     def layer_names(self) -> list[str]:
         return [name for name, _, _ in self.config.layers]
 
-    def predict(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_pred, B_pred) for a batch of reference latents; computed once per reference."""
-        return self.hypernet(latents.to(self.hypernet.video_proj.weight.dtype))
+    def predict(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_pred, B_pred) for a batch of reference latents; computed once per reference. `generator` draws the
+        motion stream's look randomisation in training (hyper.motion_stream); nothing else is random."""
+        latents = latents.to(self.hypernet.video_proj.weight.dtype)
+        if isinstance(self.hypernet, MotionLookHyperNetwork):
+            return self.hypernet(latents, generator)
+        return self.hypernet(latents)
 
     def materialize(self, a_pred: torch.Tensor, b_pred: torch.Tensor) -> list[LayerLoRA]:
         """Per layer: down = A_pred @ A_aux (N, r, in), up = scale * B_aux @ B_pred (N, out, r)."""
@@ -236,7 +285,7 @@ class Video2LoRAModel(nn.Module):
                 f"unexpected {sorted(unexpected)[:5]}, wrong shapes {sorted(bad)[:5]}"
             )
         model.load_state_dict(state)
-        return model.to(map_location)
+        return model.to(map_location).eval()  # as diffusers loads: inference mode (the motion stream randomises in train)
 
     def num_parameters(self) -> dict[str, int]:
         hyper = sum(p.numel() for p in self.hypernet.parameters())

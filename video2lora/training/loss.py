@@ -25,7 +25,7 @@ def training_step(model, backbone, batch: dict, generator: torch.Generator) -> t
     `batch`: latents (B, C, f, h, w), prompt_embeds (B, T, D), ref_latents (B, C, f', h', w'), optional
     image_latents (B, f, C, h, w). The backbone's LightLoRA layers must be injected (`prepare_backbone`).
     """
-    loras = model.materialize(*model.predict(batch["ref_latents"].to(backbone.device)))
+    loras = model.materialize(*model.predict(batch["ref_latents"].to(backbone.device), generator))
     return batch_loss(model, backbone, batch, generator, loras)
 
 

@@ -251,7 +251,7 @@ def regress_hypernet(model, data: PreparedData, table: LoRATable, steps: int = 1
     report(0, None)  # where it starts, so the report shows what the regression gained
     for step in range(1, steps + 1):
         pick = fit_idx[torch.randint(0, len(fit), (batch_size,), generator=g)]
-        a, b = model.predict(stacked_latents(data, rows_t[pick].tolist()).to(device))  # this batch's clips only
+        a, b = model.predict(stacked_latents(data, rows_t[pick].tolist()).to(device), g)  # this batch's clips only
         lab = labels[pick].to(device)
         loss = (((a - a_t[lab]) ** 2).mean() / sa**2 + ((b - b_t[lab]) ** 2).mean() / sb**2) / 2
         opt.zero_grad(set_to_none=True)
