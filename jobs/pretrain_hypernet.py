@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             return 2
     if a.tables_from:
         try:
-            table, table_history = read_tables(a.tables_from, model, groups, parts_of, a.prepared)
+            table, table_history = read_tables(a.tables_from, model, groups, parts_of, a.prepared, a.split)
         except (storage.StorageError, FileNotFoundError, ValueError) as e:
             print(f"error: --tables-from: {e}", file=sys.stderr)
             return 2
@@ -174,38 +174,46 @@ def main(argv=None) -> int:
     return 0
 
 
-def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str):
+def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str, split: str):
     """An earlier warm start's LoRA tables, its table-fit history, and (into `model`) the aux matrices fitted with
-    them; refused unless it was made on the same preparation (so the same backbone) for the same effect labels."""
+    them. Refused unless it was fitted on the same preparation (its key hashes the manifest, the backbone URI and the
+    clip size: `training.data.prepared_key`) and split, for the same effect labels, LoRA shape and factorisation."""
     import torch
 
     from video2lora import storage
     from video2lora.hypernet import Video2LoRAModel, load_safetensors_bytes
     from video2lora.training.warmstart import LoRATable
 
-    name = storage.join(uri, "lora_tables.safetensors")
-    earlier = json.loads(storage.read_bytes(storage.join(uri, "warmstart.json")))
-    if os.path.basename(str(earlier["args"]["prepared"]).rstrip("/")) != os.path.basename(prepared.rstrip("/")):
-        raise ValueError(f"{storage.redact(uri)} was fitted on preparation {earlier['args']['prepared']}, not "
-                         f"{storage.redact(prepared)}")
+    report, name = storage.join(uri, "warmstart.json"), storage.join(uri, "lora_tables.safetensors")
+    try:
+        earlier = json.loads(storage.read_bytes(report))
+        fitted_on, fitted_split, history = earlier["args"]["prepared"], earlier["args"]["split"], earlier["table"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{storage.redact(report)}: not a warm start's report ({e!r})") from None
+    key = lambda u: os.path.basename(str(u).rstrip("/"))  # noqa: E731
+    if (key(fitted_on), fitted_split) != (key(prepared), split):
+        raise ValueError(f"{storage.redact(uri)} was fitted on preparation {key(fitted_on)} split {fitted_split!r}, "
+                         f"not {key(prepared)} split {split!r}")
     raw = storage.read_bytes(name)
-    meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
-    t = load_safetensors_bytes(raw, name)
+    t = load_safetensors_bytes(raw, storage.redact(name))  # refuses anything but safetensors before its header is read
+    meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
     if json.loads(meta.get("groups", "[]")) != groups:
-        raise ValueError(f"{name} holds LoRAs of {meta.get('groups')}, the clips have effects {groups}")
+        raise ValueError(f"{storage.redact(name)} holds LoRAs of {meta.get('groups')}, the clips have effects {groups}")
     if (parts_of is None) != ("units" not in meta):
-        raise ValueError(f"{name}: {'no' if parts_of else ''} factorised table; run with{'' if parts_of else 'out'} --factorise as it was")
+        raise ValueError(f"{storage.redact(name)}: {'no' if parts_of else 'a'} factorised table; run "
+                         f"with{'out' if parts_of else ''} --factorise as it was")
     aux = Video2LoRAModel.from_pretrained(uri)
-    shape = lambda c: ([tuple(l) for l in c.layers], c.lora.rank, c.lora.down, c.lora.up)  # noqa: E731
+    shape = lambda c: ([tuple(l) for l in c.layers], c.lora.rank, c.lora.down, c.lora.up, c.lora.alpha)  # noqa: E731
     if shape(aux.config) != shape(model.config):
-        raise ValueError(f"{storage.redact(uri)}: its LoRA rank/down/up or adapted layers differ from this model's")
+        raise ValueError(f"{storage.redact(uri)}: its LoRA rank, down, up or alpha, or its adapted layers, differ "
+                         "from this model's")
     with torch.no_grad():
         for mine, theirs in zip([*model.a_aux, *model.b_aux], [*aux.a_aux, *aux.b_aux]):
             mine.copy_(theirs)
     units = json.loads(meta["units"]) if parts_of else None
     table = LoRATable(groups, t["a_pred"], t["b_pred"], units, t.get("a_units"), t.get("b_units"),
                       parts_of if units else None)
-    return table, earlier["table"]
+    return table, history
 
 
 if __name__ == "__main__":

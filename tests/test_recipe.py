@@ -84,7 +84,6 @@ def test_train_parts_adds_the_parts_alone_to_the_hypernetworks_clips_only(comman
     assert recipe.refusal(a, paths_for(run), str(run), list(recipe.STAGES), str(run / "recipe.json")) == ""
 
 
-
 def test_motion_stream_and_tables_from_reach_the_warm_start_only(commands, tmp_path, capsys):
     a = recipe.parse_args(["--world", "combo", "--out", str(tmp_path), "--motion-stream", "--tables-from", "/r/warmstart"])
     run_stages(a, tmp_path)
@@ -104,6 +103,7 @@ def test_motion_stream_and_tables_from_reach_the_warm_start_only(commands, tmp_p
     (run / "recipe.json").write_text(json.dumps({"args": {"world": "combo", "reference_features": "frame_norm"}}))
     assert recipe.main(["--world", "combo", "--out", str(run), "--motion-stream", "--only", "train"]) == 2
     assert "without --motion-stream" in capsys.readouterr().err and commands == []
+
 
 def test_family_world_extends_the_backbone_to_every_family_label(commands, tmp_path):
     a = recipe.parse_args(["--world", "families", "--out", str(tmp_path), "--init-backbone", "/fx/backbone"])

@@ -326,7 +326,8 @@ def test_cli_defaults_and_flags():
 
 
 # --------------------------------------------------------------------------------------------- warm start
-def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manifest, tiny_backbone_dir, ray_s3, tmp_path):
+def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manifest, tiny_backbone_dir, ray_s3, tmp_path,
+                                                                 capsys):
     """jobs/pretrain_hypernet.py: per-effect LoRAs that beat no LoRA on their own clips, a hypernetwork regressed
     onto them; then a ZeRO-2 run with --init-checkpoint starts from exactly those weights (lr 0 keeps them)."""
     import sys
@@ -367,15 +368,22 @@ def test_warm_start_learns_effect_loras_and_seeds_zero2_training(prepared, manif
     warm = Video2LoRAModel.from_pretrained(out)
     assert tables["a_pred"].shape[:2] == (len(EFFECTS), len(warm.config.layers))
     assert warm.config.hyper.stem_channels == 8
-    # --tables-from: another hypernetwork (here the motion stream) regressed onto these very tables, fitted once
+    # --tables-from: another hypernetwork regressed onto these very tables (fitted once); refused: another LoRA
+    # shape (the motion stream at rank 2), no warm start there, a factorisation the labels do not have
     other = str(tmp_path / "warm-again")
     assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
                                    "--model-config", json.dumps({**model_cfg, "lora": {"rank": 2}, "hyper": {
                                        **model_cfg["hyper"], "motion_stream": True}}),
                                    "--tables-from", out, "--regress-steps", "2", "--eval-rows", "2"]) == 2  # rank 2 != 1
+    assert "LoRA rank, down, up or alpha" in capsys.readouterr().err
     assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
                                    "--model-config", json.dumps(model_cfg), "--tables-from", str(tmp_path / "none"),
                                    "--regress-steps", "2", "--eval-rows", "2"]) == 2  # nothing there
+    assert "warmstart.json" in capsys.readouterr().err
+    assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
+                                   "--model-config", json.dumps({**model_cfg, "lora": {"rank": 2}}), "--tables-from", out,
+                                   "--factorise", "--regress-steps", "2", "--eval-rows", "2"]) == 2  # fitted without
+    assert "no factorised table; run without --factorise" in capsys.readouterr().err
     assert not os.path.exists(other)
     assert pretrain_hypernet.main(["--prepared", prepared[0].uri, "--backbone", tiny_backbone_dir, "--output", other,
                                    "--model-config", json.dumps(model_cfg), "--tables-from", out, "--seed", "1",

@@ -180,3 +180,29 @@ def test_warm_start_regression_holds_a_bounded_number_of_clips(backbone, num_cli
     history = regress_hypernet(model, data, table, steps=3, batch_size=4, log_every=3)
     assert len(history) == 2 and history[-1]["fit"]["relative_error"] > 0
     assert data.cached_examples <= 10 and data._read_bytes <= bound
+
+
+def test_motion_stream_regresses_and_trains_the_same_under_the_same_seed(backbone):
+    """hyper.motion_stream through the warm start's regression and the training loss: its look randomisation is
+    drawn from the step's generator, so a run repeats exactly (torch's global generator would not repeat)."""
+    from pipelines.train import model_config
+    from video2lora.generate import new_model_for
+    from video2lora.training.data import collate
+    from video2lora.training.loss import prepare_backbone, training_step
+    from video2lora.training.warmstart import fit_lora_tables, part_accuracy, regress_hypernet
+
+    data = in_memory_data(backbone, COMPOUNDS, 2)
+    config = {"lora": {"rank": 2}, "hyper": {"width": 32, "num_blocks": 1, "num_heads": 2, "motion_stream": True}}
+    table, _ = fit_lora_tables(new_model_for(backbone, model_config(config), seed=0), backbone, data, steps=2,
+                               batch_size=3, parts_of=fx.effect_factors)
+    runs = []
+    for _ in range(2):
+        model = new_model_for(backbone, model_config(config), seed=0)
+        history = regress_hypernet(model, data, table, steps=3, batch_size=3, log_every=3, val_fraction=0)
+        runs.append((history[-1]["loss"], model.state_dict()))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    assert len(part_accuracy(model, data, table)) == 2  # a slot per stream
+    prepare_backbone(backbone, model)
+    batch = collate([data.example(i) for i in range(3)], [data.example(i) for i in (1, 2, 0)])
+    loss = lambda seed: float(training_step(model.train(), backbone, batch, torch.Generator().manual_seed(seed)))  # noqa: E731
+    assert loss(0) == loss(0)

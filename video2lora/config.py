@@ -74,9 +74,9 @@ class HyperConfig:
     reference_features: tuple[str, ...] = ("latent",)
     correlation_radius: int = 2
     # two hypernetworks of this size instead of one: the first half of the LoRA rank (the motion slot of the
-    # factorised warm start) predicted from a reference whose look is randomised in training (channels mixed,
-    # frames blurred or pixelated: hypernet.randomise_look), so it cannot name a motion by the look it came with;
-    # the second half from the reference as it is. Needs an even rank
+    # factorised warm start) predicted from the reference with its look randomised in training (channels mixed,
+    # frames blurred or pixelated: hypernet.randomise_look), the second half from the reference as it is. Each
+    # learns its own slot only (docs/EFFECTS.md, "Two hypernetworks"). Needs an even rank
     motion_stream: bool = False
 
     def __post_init__(self):

@@ -101,23 +101,24 @@ def init_head(head: nn.Linear, kind: str, std: float, rank: int, down: int, iter
 
 
 def randomise_look(latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N, C, F, h, w) latents with their look randomised, their motion kept: per clip a random orthogonal mix of
+    """(N, C, F, h, w) latents with their look randomised and their motion kept: per clip a random orthogonal mix of
     the channels (colour, inversion), per frame a random 3x3 Gaussian blur (sigma up to 1.2) and, one frame in four,
-    a 2x pixelation. None of these moves content between positions or frames."""
+    a 2x2 pixelation (even sizes only). Content moves to neighbouring positions at most, never between frames.
+    Drawn on the CPU (`generator`: a CPU generator, or None for torch's global one)."""
     n, c, f, h, w = latents.shape
-    draw = lambda *shape: torch.rand(*shape, generator=generator).to(latents.device)  # noqa: E731
-    mix = torch.linalg.qr(torch.randn(n, c, c, generator=generator))[0].to(latents.device, latents.dtype)
-    frames = torch.einsum("nij,njfhw->nfihw", mix, latents).reshape(n * f, c, h, w)
-    sigma = (draw(n * f) * 1.2).clamp_min(1e-3)
-    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0], device=latents.device)[None] / (2 * sigma[:, None] ** 2))
-    taps = (taps / taps.sum(1, keepdim=True)).to(latents.dtype)[:, :, None, None, None]  # (N*F, 3, 1, 1, 1)
+    dev, dtype = latents.device, latents.dtype
+    mix = torch.linalg.qr(torch.randn(n, c, c, generator=generator))[0]
+    sigma = (torch.rand(n * f, generator=generator) * 1.2).clamp_min(1e-3)
+    pixelate = (torch.rand(n * f, generator=generator) < 0.25) & (h % 2 == 0) & (w % 2 == 0)
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0])[None] / (2 * sigma[:, None] ** 2))
+    taps = (taps / taps.sum(1, keepdim=True)).to(dev, dtype)[:, :, None, None, None]  # (N*F, 3, 1, 1, 1)
+    frames = torch.einsum("nij,njfhw->nfihw", mix.to(dev, dtype), latents).reshape(n * f, c, h, w)
     padded = F.pad(frames, (1, 1, 1, 1), mode="replicate")
     rows = sum(taps[:, i] * padded[:, :, i: i + h] for i in range(3))
     frames = sum(taps[:, i] * rows[..., i: i + w] for i in range(3))
-    pixelate = draw(n * f) < 0.25
-    if pixelate.any() and h % 2 == 0 and w % 2 == 0:
+    if pixelate.any():
         frames = frames.clone()
-        frames[pixelate] = F.interpolate(F.avg_pool2d(frames[pixelate], 2), scale_factor=2, mode="nearest")
+        frames[pixelate.to(dev)] = F.interpolate(F.avg_pool2d(frames[pixelate.to(dev)], 2), scale_factor=2, mode="nearest")
     return frames.reshape(n, f, c, h, w).transpose(1, 2)
 
 
@@ -191,10 +192,11 @@ class HyperNetwork(nn.Module):
 
 
 class MotionLookHyperNetwork(nn.Module):
-    """`hyper.motion_stream`: two hypernetworks, each predicting half the LoRA rank. The motion one (the first
-    half: the motion slot of the factorised warm start) reads, in training, a reference with its look randomised
-    (`randomise_look`): trained only on looks paired with a motion, one hypernetwork learns to tell the motion
-    from the look it came with, and a new pairing then gets the motion of a known one (docs/EFFECTS.md)."""
+    """`hyper.motion_stream`: two hypernetworks, each predicting half the LoRA rank: the first half (the motion slot
+    of the factorised warm start) from the reference with its look randomised in training (`randomise_look`), the
+    second from the reference as it is. One hypernetwork for both slots named a held-out compound's motion by the
+    pairing it knew; two, each trained on its own slot, read the parts of new pairings (docs/EFFECTS.md, "Two
+    hypernetworks": the split did it, the randomisation changed little there)."""
 
     def __init__(self, config: Video2LoRAConfig):
         super().__init__()

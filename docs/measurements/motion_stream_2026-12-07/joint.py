@@ -1,6 +1,6 @@
 import json, sys, torch
 sys.argv = ["x", "two", "/dev/null", "0"]
-src = open("/work/exp/twostream/regress.py").read().split("model = Video2LoRAModel(config)")[0]
+src = open(__file__.replace("joint.py", "regress.py")).read().split("model = Video2LoRAModel(config)")[0]
 exec(src)
 from safetensors.torch import load_file
 from video2lora.training.warmstart import predict_rows, _weight_rows
