@@ -11,3 +11,5 @@ echo; echo "## Validation seed 101: this run's step 500 (chosen) minus the check
 python $M/combo_backbone_2026-12-07/paired_runs.py validation_seed_101_step500_rows.json $M/parts_alone_2026-12-07/shipped_validation_seed_101_rows.json --method video2lora
 echo; echo "## Validation seed 101: this run's video2lora minus no LoRA"
 python $M/refine_2026-12-07/paired_methods.py validation_seed_101_step500_rows.json video2lora validation_seed_101_step500_rows.json no_lora
+echo; echo "## Burst (a kind never seen), test seed 202: this checkpoint's video2lora minus no LoRA"
+python $M/refine_2026-12-07/paired_methods.py burst_test_seed_202_rows.json video2lora burst_test_seed_202_rows.json no_lora
