@@ -202,8 +202,8 @@ class MotionLookHyperNetwork(nn.Module):
         super().__init__()
         if config.lora.rank % 2:
             raise ValueError(f"hyper.motion_stream splits the LoRA rank in two halves: lora.rank {config.lora.rank} is odd")
-        half = Video2LoRAConfig.from_dict({**config.to_dict(), "lora": {**config.to_dict()["lora"],
-                                                                       "rank": config.lora.rank // 2}})
+        whole = config.to_dict()
+        half = Video2LoRAConfig.from_dict({**whole, "lora": {**whole["lora"], "rank": config.lora.rank // 2}})
         self.motion, self.look = HyperNetwork(half), HyperNetwork(half)
 
     @property
