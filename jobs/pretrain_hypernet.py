@@ -58,7 +58,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a = parse_args(argv)
     import torch
-    from safetensors.torch import save
 
     from pipelines.train import model_config, parse_model_overrides
     from video2lora import storage
@@ -153,12 +152,7 @@ def main(argv=None) -> int:
         print(f"diffusion loss, {name}: no LoRA {l['none']:.4f}, own-effect reference {l['own_effect']:.4f}, "
               f"other-effect reference {l['other_effect']:.4f} (other - own {l['other_effect'] - l['own_effect']:+.4f} "
               f"± {l['margin_se']:.4f})", flush=True)
-    tensors = {"a_pred": table.a_pred.contiguous(), "b_pred": table.b_pred.contiguous()}
-    meta = {"groups": json.dumps(table.groups)}
-    if table.units is not None:
-        tensors.update(a_units=table.a_units.contiguous(), b_units=table.b_units.contiguous())
-        meta["units"] = json.dumps(table.units)
-    storage.write_bytes_atomic(storage.join(a.output, "lora_tables.safetensors"), save(tensors, metadata=meta))
+    storage.write_bytes_atomic(storage.join(a.output, "lora_tables.safetensors"), table.to_bytes())
     for split, acc in parts.items():
         print(f"predicted LoRA nearest to the reference's own part ({split} clips), per part: "
               + ", ".join(f"{x:.2f}" for x in acc), flush=True)
@@ -181,7 +175,7 @@ def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str, spl
     import torch
 
     from video2lora import storage
-    from video2lora.hypernet import Video2LoRAModel, load_safetensors_bytes
+    from video2lora.hypernet import Video2LoRAModel
     from video2lora.training.warmstart import LoRATable
 
     report, name = storage.join(uri, "warmstart.json"), storage.join(uri, "lora_tables.safetensors")
@@ -194,12 +188,10 @@ def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str, spl
     if (key(fitted_on), fitted_split) != (key(prepared), split):
         raise ValueError(f"{storage.redact(uri)} was fitted on preparation {key(fitted_on)} split {fitted_split!r}, "
                          f"not {key(prepared)} split {split!r}")
-    raw = storage.read_bytes(name)
-    t = load_safetensors_bytes(raw, storage.redact(name))  # refuses anything but safetensors before its header is read
-    meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
-    if json.loads(meta.get("groups", "[]")) != groups:
-        raise ValueError(f"{storage.redact(name)} holds LoRAs of {meta.get('groups')}, the clips have effects {groups}")
-    if (parts_of is None) != ("units" not in meta):
+    table = LoRATable.from_bytes(storage.read_bytes(name), storage.redact(name), parts_of)
+    if table.groups != groups:
+        raise ValueError(f"{storage.redact(name)} holds LoRAs of {table.groups}, the clips have effects {groups}")
+    if (parts_of is None) != (table.units is None):
         raise ValueError(f"{storage.redact(name)}: {'no' if parts_of else 'a'} factorised table; run "
                          f"with{'out' if parts_of else ''} --factorise as it was")
     aux = Video2LoRAModel.from_pretrained(uri)
@@ -210,9 +202,6 @@ def read_tables(uri: str, model, groups: list[str], parts_of, prepared: str, spl
     with torch.no_grad():
         for mine, theirs in zip([*model.a_aux, *model.b_aux], [*aux.a_aux, *aux.b_aux]):
             mine.copy_(theirs)
-    units = json.loads(meta["units"]) if parts_of else None
-    table = LoRATable(groups, t["a_pred"], t["b_pred"], units, t.get("a_units"), t.get("b_units"),
-                      parts_of if units else None)
     return table, history
 
 

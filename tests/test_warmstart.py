@@ -46,6 +46,13 @@ def test_factorised_table_shares_parts_and_composes_unseen_compounds(backbone):
     wa, wb = table_weights(unseen, table)([0])
     torch.testing.assert_close(wa, a)
 
+    # the file a warm start writes (lora_tables.safetensors) reads back as the same table, composing as before
+    again = type(table).from_bytes(table.to_bytes(), "tables.safetensors", fx.effect_factors)
+    assert (again.groups, again.units) == (table.groups, table.units)
+    for name in ("a_pred", "b_pred", "a_units", "b_units"):
+        assert torch.equal(getattr(again, name), getattr(table, name)), name
+    assert all(torch.equal(x, y) for x, y in zip(again.weights(["zoom_in+fade_out"]), (a, b)))
+
 
 def test_factorised_table_refuses_what_it_cannot_split(backbone):
     from video2lora.training.warmstart import fit_lora_tables
@@ -57,6 +64,13 @@ def test_factorised_table_refuses_what_it_cannot_split(backbone):
     assert table.units is None
     with pytest.raises(KeyError, match="zoom_in\\+fade_out"):
         table.weights(["zoom_in+fade_out"])
+    again = type(table).from_bytes(table.to_bytes(), "plain.safetensors")
+    assert again.units is None and again.groups == table.groups and torch.equal(again.b_pred, table.b_pred)
+    with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):  # a pickle is never unpickled
+        type(table).from_bytes(b"\x80\x04" + bytes(64), "bad.safetensors")
+    from safetensors.torch import save
+    with pytest.raises(ValueError, match="other.safetensors: not a LoRA table"):  # safetensors, but no table
+        type(table).from_bytes(save({"w": torch.zeros(2)}), "other.safetensors")
 
 
 @pytest.mark.parametrize("rank", [2, 4])  # rank-1 and rank-2 parts

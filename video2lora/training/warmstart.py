@@ -17,6 +17,7 @@ The diffusion-loss run then refines the hypernetwork and aux matrices end to end
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -62,6 +63,33 @@ class LoRATable:
         if missing:
             raise KeyError(f"no LoRA for {sorted(missing)}: parts never fitted {sorted({u for m in missing.values() for u in m})}")
         return _compose(self.a_units, self.b_units, [[self.units.index(u) for u in self.parts_of(g)] for g in labels])
+
+    def to_bytes(self) -> bytes:
+        """The table as safetensors (`lora_tables.safetensors` of a warm start): the LoRAs, and the group and part
+        names as metadata."""
+        from safetensors.torch import save
+
+        tensors = {"a_pred": self.a_pred.contiguous(), "b_pred": self.b_pred.contiguous()}
+        meta = {"groups": json.dumps(self.groups)}
+        if self.units is not None:
+            tensors.update(a_units=self.a_units.contiguous(), b_units=self.b_units.contiguous())
+            meta["units"] = json.dumps(self.units)
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, name: str, parts_of=None) -> LoRATable:
+        """A table written by `to_bytes` (safetensors only; `name` names the file in errors). `parts_of` (label ->
+        its parts) lets a factorised table compose groups it never fitted."""
+        from ..hypernet import load_safetensors_bytes
+
+        t = load_safetensors_bytes(raw, name)  # refuses anything but safetensors before its header is read
+        meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
+        try:
+            groups, units = json.loads(meta["groups"]), json.loads(meta["units"]) if "units" in meta else None
+            a_units, b_units = (t["a_units"], t["b_units"]) if units is not None else (None, None)
+            return cls(groups, t["a_pred"], t["b_pred"], units, a_units, b_units, parts_of if units else None)
+        except (KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{name}: not a LoRA table (missing or malformed {e})") from None
 
 
 #: the empty part, as `effects.effect_factors` names a missing one (effects.labels.NONE: "invert" alone is (none,
