@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--table-lr", type=float, default=2e-3)
     p.add_argument("--table-batch-size", type=int, default=8)
     p.add_argument("--regress-steps", type=int, default=1500, help="steps of the hypernetwork regression")
-    p.add_argument("--regress-lr", type=float, default=1e-3)
+    p.add_argument("--regress-lr", type=float, default=1e-3, help="peak rate (cosine decay to zero)")
     p.add_argument("--regress-batch-size", type=int, default=32)
     p.add_argument("--eval-rows", type=int, default=200, help="clips per split in the effect-loss report")
     p.add_argument("--device", default="cpu")

@@ -191,8 +191,10 @@ def test_warm_start_regression_holds_a_bounded_number_of_clips(backbone, num_cli
     g = torch.Generator().manual_seed(0)
     table = LoRATable(groups=["e0", "e1", "e2", "e3"], a_pred=torch.randn(4, layers, lc.rank, lc.down, generator=g),
                       b_pred=torch.randn(4, layers, lc.up, lc.rank, generator=g))
-    history = regress_hypernet(model, data, table, steps=3, batch_size=4, log_every=3)
+    history = regress_hypernet(model, data, table, steps=3, batch_size=4, lr=2e-3, log_every=3)
     assert len(history) == 2 and history[-1]["fit"]["relative_error"] > 0
+    # the rate decays to zero (cosine), so the run does not end on whatever spike its last steps took
+    assert history[0]["lr"] == 2e-3 and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert data.cached_examples <= 10 and data._read_bytes <= bound
 
 
