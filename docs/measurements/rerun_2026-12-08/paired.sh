@@ -16,3 +16,16 @@ echo; echo "## Test seed 202: the cosine rerun minus the one-hypernetwork checkp
 python $M/combo_backbone_2026-12-07/paired_runs.py test_seed_202_rows.json $M/combo_backbone_2026-12-07/test_seed_202_step1000_rows.json --method video2lora
 echo; echo "## Test seed 202: the cosine rerun's video2lora minus no LoRA"
 python $M/refine_2026-12-07/paired_methods.py test_seed_202_rows.json video2lora test_seed_202_rows.json no_lora
+echo; echo "## Validation seed 101: the constant-rate rerun (step 500) minus the shipped checkpoint"
+python $M/combo_backbone_2026-12-07/paired_runs.py constant_rate_validation_seed_101_rows.json $M/motion_stream_2026-12-07/validation_seed_101_step500_rows.json --method video2lora
+echo; echo "## Validation seed 101: the constant-rate rerun minus the cosine rerun (same tables)"
+python $M/combo_backbone_2026-12-07/paired_runs.py constant_rate_validation_seed_101_rows.json validation_seed_101_rows.json --method video2lora
+echo; echo "## Test seed 202: the constant-rate rerun minus the shipped checkpoint"
+python $M/combo_backbone_2026-12-07/paired_runs.py constant_rate_test_seed_202_rows.json $M/motion_stream_2026-12-07/test_seed_202_rows.json --method video2lora
+echo; echo "## Test seed 202: the constant-rate rerun minus the cosine rerun (same tables)"
+python $M/combo_backbone_2026-12-07/paired_runs.py constant_rate_test_seed_202_rows.json test_seed_202_rows.json --method video2lora
+echo; echo "## Test seed 202: the constant-rate rerun minus the one-hypernetwork checkpoint shipped before"
+python $M/combo_backbone_2026-12-07/paired_runs.py constant_rate_test_seed_202_rows.json $M/combo_backbone_2026-12-07/test_seed_202_step1000_rows.json --method video2lora
+echo; echo "## Test seed 202: the constant-rate rerun's video2lora minus no LoRA and minus the per-effect LoRAs"
+python $M/refine_2026-12-07/paired_methods.py constant_rate_test_seed_202_rows.json video2lora constant_rate_test_seed_202_rows.json no_lora
+python $M/refine_2026-12-07/paired_methods.py constant_rate_test_seed_202_rows.json video2lora constant_rate_test_seed_202_rows.json per_effect_lora
