@@ -7,9 +7,9 @@
     python jobs/recipe.py --world families --init-backbone video2lora/assets/checkpoint/backbone  # family points
 
 `--backbone` / `--classifier`: a trained backbone / judge, used as it is. `--world combo`: compounds "motion+look"
-("spin+fade_out"), 35 of 42 trained, 7 held out (their parts seen with other partners); `--world families`: points
-of continuous families ("slide@90+hue@120"), 36 grid pairings trained, 13 held out (new pairings, new points, a new
-family). The backbone and the judge learn every label of the world. Only combo ships.
+("spin+fade_out"), 35 of 42 trained, 7 held out (their parts seen with other partners); `--world families`: points of
+continuous families ("slide@90+hue@120"), 36 pairings trained, 13 held out (new pairings, points, a family). The
+backbone and the judge learn every label of the world. Only combo ships. `--train-seed N`: another sample of a run.
 
 Stages (each skipped when its output is already there, so a rerun resumes; `--only a,b` runs some):
 1. data       jobs/make_effects.py: the hypernetwork's clips (seed 0), the judge's training (1) and test (2) clips;
@@ -58,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="single effects (14, 4 held out), motion+look compounds (42, 7 held out) or family points")
     p.add_argument("--init-backbone", default="", help="continue from this pretrained backbone (its VAE kept)")
     p.add_argument("--clips-per-effect", type=int, default=60, help="hypernetwork training clips per effect")
-    p.add_argument("--train-parts", action="store_true", help="--world combo: the hypernetwork's clips also hold "
-                   "each motion and look alone (13 labels)")
+    p.add_argument("--train-parts", action="store_true", help="combo: the hypernetwork's clips also hold each part alone")
     p.add_argument("--judge-clips", type=int, default=60, help="judge training clips per label (test: a third)")
     p.add_argument("--backbone", default="", help="use this pretrained frozen backbone as it is (no pretrain stage)")
     p.add_argument("--classifier", default="", help="use this trained judge as it is (no judge stage, no judge data)")
@@ -78,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=None, help="end-to-end steps, batch 8 (default 1000, 2000 combo)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (select's candidates)")
     p.add_argument("--train-lr", type=float, default=1e-4)
+    p.add_argument("--train-seed", type=int, default=0, help="seed of the warm start and the end-to-end run")
     p.add_argument("--baseline-steps", type=int, default=4000, help="per-effect LoRAs: at most (each early-stops)")
     p.add_argument("--baseline-rank", type=int, default=4)
     p.add_argument("--val-seed", type=int, default=101, help="select: checkpoints are compared on this seed's rows")
@@ -160,11 +160,10 @@ def stage_warmstart(a, paths) -> None:
     config["hyper"].update(reference_features=reference_features(a), motion_stream=a.motion_stream)
     run([sys.executable, "jobs/pretrain_hypernet.py", "--prepared", prepared_dir(paths), "--backbone",
          paths["backbone"], "--output", paths["warmstart"], "--model-config", json.dumps(config),
-         "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps),
+         "--table-steps", str(table_steps), "--regress-steps", str(a.regress_steps), "--seed", str(a.train_seed),
          # one process alone on the machine: up to 2 threads pay off here even where the Ray stages use 1
          "--threads", str(max(a.threads, min(2, os.cpu_count() or 1)))] + (["--factorise"] if combo else [])
-        + (["--tables-from", os.path.abspath(a.tables_from)] if a.tables_from else []),
-        env=_env())
+        + (["--tables-from", os.path.abspath(a.tables_from)] if a.tables_from else []), env=_env())
 
 
 def stage_train(a, paths) -> None:
@@ -172,8 +171,8 @@ def stage_train(a, paths) -> None:
     run([sys.executable, "jobs/train.py", "--ray-address", "local", "--manifest",
          os.path.join(paths["data"], "clips.parquet"), "--backbone", paths["backbone"], "--storage-path",
          paths["train"], "--name", RUN_NAME, "--prepared", prepared_dir(paths), "--output", paths["final"],
-         "--init-checkpoint", paths["warmstart"], "--num-workers", "2", "--max-steps", str(steps),
-         "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
+         "--init-checkpoint", paths["warmstart"], "--num-workers", "2", "--max-steps", str(steps), "--seed",
+         str(a.train_seed), "--batch-size", "4", "--lr", str(a.train_lr), "--grad-clip", "1.0", "--mixed-precision", "fp32",
          # every checkpoint is kept: the select stage compares them on the validation seed
          "--checkpoint-every", str(a.checkpoint_every), "--keep-checkpoints", str(-(-steps // a.checkpoint_every)),
          # 2 CPUs: 2 workers x 0.25 + their data readers must fit, or the readers wait forever
@@ -337,10 +336,11 @@ def refusal(a, paths, out, only, recorded) -> str:
         if before.get("world", "single") != a.world:
             return f"{out} holds a --world {before.get('world', 'single')} run; give another --out for --world {a.world}"
         # runs from before --train-parts / --motion-stream had neither
-        was = [before.get("reference_features") or a.reference_features] + [bool(before.get(k)) for k in FLAGS]
-        now = [a.reference_features] + [getattr(a, k) for k in FLAGS]
-        said = lambda v: f"reading {v[0]}, " + ", ".join(  # noqa: E731
-            f"{'with' if on else 'without'} --{k.replace('_', '-')}" for k, on in zip(FLAGS, v[1:]))
+        was = [before.get("reference_features") or a.reference_features, before.get("train_seed", 0)]
+        was += [bool(before.get(k)) for k in FLAGS]
+        now = [a.reference_features, a.train_seed] + [getattr(a, k) for k in FLAGS]
+        said = lambda v: f"reading {v[0]}, --train-seed {v[1]}, " + ", ".join(  # noqa: E731
+            f"{'with' if on else 'without'} --{k.replace('_', '-')}" for k, on in zip(FLAGS, v[2:]))
         if was != now:
             return f"{out} holds a run {said(was)} (this run: {said(now)}); give another --out"
     return ""
