@@ -312,3 +312,10 @@ def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
         return load_bytes(data)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{name}: corrupt safetensors file ({e})") from e
+
+
+
+def load_safetensors_with_metadata(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`load_safetensors_bytes`, and the file's string metadata (its header's `__metadata__`; {} when none)."""
+    tensors = load_safetensors_bytes(data, name)  # refuses anything but safetensors before its header is read
+    return tensors, json.loads(data[8: 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}

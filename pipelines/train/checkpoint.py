@@ -15,7 +15,6 @@ import logging
 import os
 import posixpath
 import random
-import struct
 
 import numpy as np
 import torch
@@ -108,12 +107,9 @@ def _read_checkpoint_file(checkpoint, name: str) -> bytes:
 
 def _load_rank_file(data: bytes, name: str):
     """Tensors and string metadata of a safetensors file (anything else is refused, never unpickled)."""
-    from video2lora.hypernet import load_safetensors_bytes
+    from video2lora.hypernet import load_safetensors_with_metadata
 
-    tensors = load_safetensors_bytes(data, name)
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    return tensors, meta
+    return load_safetensors_with_metadata(data, name)
 
 
 def read_train_state(checkpoint) -> dict:

@@ -63,15 +63,10 @@ class PerEffectLoRAs(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str) -> "PerEffectLoRAs":
-        import struct
-
-        from ..hypernet import load_safetensors_bytes
+        from ..hypernet import load_safetensors_with_metadata
         from ..storage import read_bytes
 
-        data = read_bytes(path)
-        tensors = load_safetensors_bytes(data, path)
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8 : 8 + n])["__metadata__"]
+        tensors, meta = load_safetensors_with_metadata(read_bytes(path), path)
         m = cls(json.loads(meta["effects"]), [tuple(l) for l in json.loads(meta["layers"])], int(meta["rank"]))
         with torch.no_grad():
             for k in range(len(m.layers)):

@@ -81,10 +81,9 @@ class LoRATable:
     def from_bytes(cls, raw: bytes, name: str, parts_of=None) -> LoRATable:
         """A table written by `to_bytes` (safetensors only; `name` names the file in errors). `parts_of` (label ->
         its parts) lets a factorised table compose groups it never fitted."""
-        from ..hypernet import load_safetensors_bytes
+        from ..hypernet import load_safetensors_with_metadata
 
-        t = load_safetensors_bytes(raw, name)  # refuses anything but safetensors before its header is read
-        meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
+        t, meta = load_safetensors_with_metadata(raw, name)
         try:
             groups, units = json.loads(meta["groups"]), json.loads(meta["units"]) if "units" in meta else None
             a_units, b_units = (t["a_units"], t["b_units"]) if units is not None else (None, None)
